@@ -1,0 +1,175 @@
+"""Load a Qwen3-VL checkpoint folder (model.safetensors or a sharded index) straight to a device and dtype.
+
+Everything is checked from the safetensors headers before any tensor data is read: every parameter must be
+present once with its exact shape, and nothing unexpected may be left over. A bad checkpoint raises
+CheckpointError naming the file and tensor; a model is returned whole or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from tandem.models.config import load_config
+from tandem.models.errors import CheckpointError
+from tandem.models.qwen3_vl import PACKED_PARAMS, Qwen3VL
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PROGRESS_BAR_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class Source:
+    """One checkpoint tensor that fills rows [offset, offset + rows) of a model parameter."""
+
+    name: str
+    file: Path
+    offset: int
+    shape: tuple[int, ...]
+
+
+def load_model(checkpoint_dir: str | Path, device: torch.device | str, dtype: torch.dtype) -> Qwen3VL:
+    checkpoint_dir = Path(checkpoint_dir)
+    config = load_config(checkpoint_dir)
+    with torch.device("meta"):
+        model = Qwen3VL(config)
+    headers = _read_headers(_weight_files(checkpoint_dir))
+    plan = _plan(model, headers)
+    _load(model, plan, torch.device(device), dtype)
+    if config.tie_word_embeddings and "lm_head.weight" in headers:
+        _check_tied_copy(model, headers["lm_head.weight"], device, dtype)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def _weight_files(checkpoint_dir: Path) -> list[Path]:
+    index, single = checkpoint_dir / INDEX_FILE, checkpoint_dir / SINGLE_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted({checkpoint_dir / name for name in weight_map.values()})
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({type(e).__name__}: {e})") from e
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"{index}: lists shard {f.name}, which is not in {checkpoint_dir}")
+        return files
+    if single.is_file():
+        return [single]
+    raise CheckpointError(f"{checkpoint_dir}: no {SINGLE_FILE} or {INDEX_FILE}")
+
+
+def _read_headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...], torch.dtype]]:
+    """Every tensor's file, shape and dtype, from the headers alone. A tensor found in two files is an error."""
+    found: dict[str, tuple[Path, tuple[int, ...], torch.dtype]] = {}
+    for path in files:
+        try:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    sl = f.get_slice(name)
+                    info = (path, tuple(sl.get_shape()), _dtype(sl.get_dtype(), path, name))
+                    if name in found:
+                        raise CheckpointError(f"{path}: tensor {name} is also in {found[name][0].name}")
+                    found[name] = info
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for bad headers and short files
+            raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from e
+    return found
+
+
+def _dtype(name: str, path: Path, tensor: str) -> torch.dtype:
+    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+    if name not in dtypes:
+        raise CheckpointError(f"{path}: tensor {tensor} has dtype {name}; only float weights are supported")
+    return dtypes[name]
+
+
+def _sources(param_name: str) -> list[str]:
+    """Checkpoint tensor names that fill one model parameter, in stacking order."""
+    prefix = "" if param_name.startswith("lm_head.") else "model."
+    module, _, leaf = param_name.rpartition(".")
+    parent, _, last = module.rpartition(".")
+    if last in PACKED_PARAMS:
+        return [f"{prefix}{parent}.{part}.{leaf}" for part in PACKED_PARAMS[last]]
+    return [prefix + param_name]
+
+
+def _plan(model: Qwen3VL, headers: dict) -> dict[str, list[Source]]:
+    """Map every model parameter to its checkpoint tensors, checking presence and shapes; reject leftovers."""
+    plan: dict[str, list[Source]] = {}
+    used = set()
+    missing = []
+    for param_name, param in model.named_parameters():
+        offset, sources = 0, []
+        for name in _sources(param_name):
+            if name not in headers:
+                missing.append(name)
+                continue
+            path, shape, _ = headers[name]
+            rows = shape[0] if shape else 0
+            expected = (rows, *param.shape[1:]) if len(_sources(param_name)) > 1 else tuple(param.shape)
+            if shape != expected or offset + rows > param.shape[0]:
+                raise CheckpointError(
+                    f"{path}: tensor {name} has shape {list(shape)}, expected {list(expected)} for this config"
+                )
+            sources.append(Source(name, path, offset, shape))
+            offset += rows
+            used.add(name)
+        if sources and offset != param.shape[0]:
+            raise CheckpointError(
+                f"{sources[0].file}: tensors {[s.name for s in sources]} stack to {offset} rows, expected {param.shape[0]}"
+            )
+        plan[param_name] = sources
+    if missing:
+        raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:5])}")
+    # A tied checkpoint may still carry lm_head.weight; it is accepted only as an exact copy (checked after load).
+    leftovers = sorted(set(headers) - used - ({"lm_head.weight"} if model.config.tie_word_embeddings else set()))
+    if leftovers:
+        path = headers[leftovers[0]][0]
+        raise CheckpointError(f"{path}: unexpected tensor(s) {', '.join(leftovers[:5])} (not part of this Qwen3-VL config)")
+    return plan
+
+
+def _load(model: Qwen3VL, plan: dict[str, list[Source]], device: torch.device, dtype: torch.dtype) -> None:
+    total = sum(math.prod(s.shape) for sources in plan.values() for s in sources) * dtype.itemsize
+    handles: dict[Path, object] = {}
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=total < PROGRESS_BAR_BYTES)
+    try:
+        for param_name, sources in plan.items():
+            module_name, _, leaf = param_name.rpartition(".")
+            module = model.get_submodule(module_name)
+            shape = module._parameters[leaf].shape
+            tensor = torch.empty(shape, dtype=dtype, device=device)
+            for s in sources:
+                tensor[s.offset : s.offset + s.shape[0]] = _read(handles, s, device)
+                bar.update(math.prod(s.shape) * dtype.itemsize)
+            module._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
+    finally:
+        bar.close()
+
+
+def _read(handles: dict, s: Source, device: torch.device) -> torch.Tensor:
+    try:
+        if s.file not in handles:
+            handles[s.file] = safe_open(s.file, framework="pt", device=str(device))
+        return handles[s.file].get_tensor(s.name)
+    except Exception as e:
+        raise CheckpointError(f"{s.file}: could not read tensor {s.name} ({e})") from e
+
+
+def _check_tied_copy(model: Qwen3VL, header: tuple, device, dtype: torch.dtype) -> None:
+    path = header[0]
+    lm_head = _read({}, Source("lm_head.weight", path, 0, header[1]), torch.device(device)).to(dtype)
+    if lm_head.shape != model.lm_head_weight.shape or not torch.equal(lm_head, model.lm_head_weight):
+        raise CheckpointError(
+            f"{path}: tensor lm_head.weight differs from the embedding, but config.json says tie_word_embeddings=true"
+        )
+
+

@@ -1,0 +1,242 @@
+"""Engine: one Qwen3-VL model on one device, with its paged KV cache, prefill and decode, sampling and streaming."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tandem.kernels import AttentionMetadata
+from tandem.models.errors import InputError
+from tandem.models.image import ImageInputs, ImageProcessorConfig, preprocess_images
+from tandem.models.loader import load_model
+from tandem.models.positions import mrope_positions
+from tandem.models.qwen3_vl import Qwen3VL, VisualTokens
+from tandem.models.tokenizer import IncrementalDetokenizer, Tokenizer, build_prompt_ids, expand_image_pads, extract_images
+from tandem.runtime.kv_cache import PagePool, Sequence
+from tandem.runtime.sampling import SamplingParams, checkpoint_defaults, sample
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DEFAULT_PAGE_SIZE = 16
+CPU_KV_TOKENS = 65536  # CPU default: room for one long request; the tests' tiny models need ~1.5 KB per token
+
+
+@dataclass
+class Timings:
+    """Wall-clock seconds per phase (the device is synchronised at each boundary) and token counts."""
+
+    vision_s: float = 0.0  # image preprocessing + vision encoder
+    prefill_s: float = 0.0  # the prompt's forward pass, up to the first sampled token
+    decode_s: float = 0.0  # every later token
+    prompt_tokens: int = 0
+    image_tokens: int = 0
+    output_tokens: int = 0
+
+    @property
+    def decode_ms_per_token(self) -> float:
+        steps = self.output_tokens - 1  # the first token comes out of prefill
+        return 1000 * self.decode_s / steps if steps > 0 else 0.0
+
+
+@dataclass
+class GenerateOutput:
+    text: str
+    token_ids: list[int]  # the generated ids, including the stop token when one ended generation
+    finish_reason: str  # "stop" (a stop token) or "length" (max_tokens reached)
+    timings: Timings
+
+
+@dataclass
+class Prompt:
+    """A request ready for the model: expanded token ids, preprocessed images and their M-RoPE positions."""
+
+    token_ids: list[int]
+    images: ImageInputs | None
+    positions: torch.Tensor  # [3, len(token_ids)]
+    rope_delta: int  # generated token i (counting the prompt) sits at position i + rope_delta
+
+
+class Engine:
+    def __init__(self, model: Qwen3VL, tokenizer: Tokenizer, image_config: ImageProcessorConfig, pool: PagePool,
+                 sampling_defaults: SamplingParams, eos_ids: tuple[int, ...]):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_config = image_config
+        self.pool = pool
+        self.sampling_defaults = sampling_defaults
+        self.eos_ids = eos_ids or tokenizer.eos_ids
+        self.device = model.lm_head_weight.device
+        self.dtype = model.lm_head_weight.dtype
+        self._generator = torch.Generator(self.device)
+        self._generator.seed()
+
+    @classmethod
+    def from_pretrained(
+        cls, checkpoint_dir: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+        kv_cache_tokens: int | None = None, page_size: int = DEFAULT_PAGE_SIZE,
+    ) -> "Engine":
+        """Load a Qwen3-VL checkpoint folder. device/dtype default to cuda + bfloat16 when available, else cpu + float32.
+        kv_cache_tokens sizes the KV page pool; by default from free device memory (CUDA) or CPU_KV_TOKENS."""
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = _parse_dtype(dtype, device)
+        tokenizer = Tokenizer.from_pretrained(checkpoint_dir)  # cheap checks first: fail before loading weights
+        image_config = ImageProcessorConfig.from_checkpoint(checkpoint_dir)
+        defaults, eos_ids = checkpoint_defaults(checkpoint_dir)
+        model = load_model(checkpoint_dir, device, dtype)
+        text = model.config.text
+        if kv_cache_tokens is None:
+            kv_cache_tokens = _default_kv_tokens(device, PagePool.bytes_per_token(text, dtype), text.max_position_embeddings)
+        pool = PagePool(text, -(-kv_cache_tokens // page_size), page_size, device, dtype)
+        return cls(model, tokenizer, image_config, pool, defaults, eos_ids)
+
+    # ---- public API --------------------------------------------------------------------------------------------
+    def generate(self, messages: list[dict] | None = None, sampling: SamplingParams | None = None, *,
+                 prompt_token_ids: list[int] | None = None, images: list | None = None) -> GenerateOutput:
+        """Generate a reply to chat `messages` (or to ready `prompt_token_ids` with `images`)."""
+        timings = Timings()
+        prompt = self.prepare(messages, prompt_token_ids, images)
+        ids = list(self._tokens(prompt, sampling, timings))
+        finished = ids[-1] in self._stop_ids(sampling)
+        text_ids = ids[:-1] if finished else ids
+        return GenerateOutput(self.tokenizer.decode(text_ids), ids, "stop" if finished else "length", timings)
+
+    def stream(self, messages: list[dict] | None = None, sampling: SamplingParams | None = None, *,
+               prompt_token_ids: list[int] | None = None, images: list | None = None) -> Iterator[str]:
+        """Yield the reply's text piece by piece as tokens are decoded (never half a UTF-8 character)."""
+        prompt = self.prepare(messages, prompt_token_ids, images)
+        stop_ids = self._stop_ids(sampling)
+        detok = IncrementalDetokenizer(self.tokenizer, prompt.token_ids)
+        for token in self._tokens(prompt, sampling, Timings()):
+            if token in stop_ids:
+                return
+            piece = detok.add(token)
+            if piece:
+                yield piece
+
+    def prepare(self, messages: list[dict] | None, prompt_token_ids: list[int] | None = None,
+                images: list | None = None) -> Prompt:
+        """Tokenize and preprocess a request. Exactly one of messages / prompt_token_ids; images go with the ids."""
+        if (messages is None) == (prompt_token_ids is None):
+            raise InputError("pass either messages or prompt_token_ids, not both and not neither")
+        if messages is not None:
+            if images is not None:
+                raise InputError("images go inside messages as {'type': 'image', 'image': ...} parts")
+            images = extract_images(messages)
+        inputs = preprocess_images(images, self.image_config, self.device, self.dtype) if images else None
+        per_image = inputs.tokens_per_image if inputs else []
+        if messages is not None:
+            ids = build_prompt_ids(self.tokenizer, messages, per_image)
+        else:
+            ids = expand_image_pads(self._check_ids(prompt_token_ids), per_image, self.tokenizer.image_pad_id)
+        grids = [tuple(g) for g in inputs.grid_thw.tolist()] if inputs else []
+        positions, rope_delta = mrope_positions(ids, grids, self.model.config.image_token_id, self.image_config.merge_size)
+        return Prompt(ids, inputs, positions.to(self.device), rope_delta)
+
+    # ---- internals ---------------------------------------------------------------------------------------------
+    def _tokens(self, prompt: Prompt, sampling: SamplingParams | None, timings: Timings) -> Iterator[int]:
+        """Encode images, prefill, then decode token by token until a stop id or max_tokens. Pages are released
+        when the generator ends, however it ends."""
+        params = (sampling or SamplingParams()).resolve(self.sampling_defaults)
+        stop_ids = self._stop_ids(params)
+        self._check_fits(len(prompt.token_ids), params.max_tokens)
+        generator = self._generator if params.seed is None else torch.Generator(self.device).manual_seed(params.seed)
+        seq = Sequence(self.pool)
+        timings.prompt_tokens = len(prompt.token_ids)
+        try:
+            with torch.inference_mode():
+                start = self._now()
+                image_embeds, visual = self._encode_images(prompt)
+                timings.vision_s = self._now() - start
+                ids = torch.tensor(prompt.token_ids, device=self.device)
+                hidden = self._forward(seq, ids, prompt.positions, image_embeds, visual)
+                token = int(sample(self.model.logits(hidden[-1:]), params, generator))
+                timings.prefill_s = self._now() - start - timings.vision_s
+                timings.image_tokens = int(visual.mask.sum()) if visual else 0
+                count = 1
+                timings.output_tokens = 1
+                yield token
+                decode_start = self._now()
+                while token not in stop_ids and count < params.max_tokens:
+                    position = torch.full((3, 1), seq.length + prompt.rope_delta, device=self.device)
+                    hidden = self._forward(seq, torch.tensor([token], device=self.device), position)
+                    token = int(sample(self.model.logits(hidden), params, generator))
+                    count += 1
+                    timings.output_tokens = count
+                    timings.decode_s = self._now() - decode_start
+                    yield token
+        finally:
+            seq.release()
+
+    def _encode_images(self, prompt: Prompt) -> tuple[torch.Tensor | None, VisualTokens | None]:
+        if prompt.images is None:
+            return None, None
+        grids = [tuple(g) for g in prompt.images.grid_thw.tolist()]
+        image_embeds, deepstack = self.model.visual(prompt.images.pixel_values, grids)
+        mask = torch.tensor(prompt.token_ids, device=self.device) == self.model.config.image_token_id
+        return image_embeds, VisualTokens(mask, deepstack)
+
+    def _forward(self, seq: Sequence, ids: torch.Tensor, positions: torch.Tensor,
+                 image_embeds: torch.Tensor | None = None, visual: VisualTokens | None = None) -> torch.Tensor:
+        """Run new tokens of one sequence through the decoder, appending their K/V to its pages."""
+        slots = seq.append_slots(len(ids)).to(self.device)
+        meta = AttentionMetadata(
+            slot_mapping=slots,
+            block_tables=seq.block_table(self.device),
+            seq_lens=torch.tensor([seq.length], dtype=torch.int32, device=self.device),
+            cu_query_lens=torch.tensor([0, len(ids)], dtype=torch.int32, device=self.device),
+        )
+        x = self.model.embed(ids, image_embeds)
+        return self.model.language_model(x, positions, self.pool.kv, meta, visual)
+
+    def _stop_ids(self, sampling: SamplingParams | None) -> frozenset[int]:
+        params = sampling or SamplingParams()
+        return frozenset(() if params.ignore_eos else self.eos_ids) | frozenset(params.stop_token_ids)
+
+    def _check_ids(self, ids: list[int]) -> list[int]:
+        if not ids:
+            raise InputError("prompt_token_ids is empty")
+        vocab = self.model.config.text.vocab_size
+        for i, t in enumerate(ids):
+            if not isinstance(t, int) or not 0 <= t < vocab:
+                raise InputError(f"prompt_token_ids[{i}] = {t!r} is not a token id in [0, {vocab})")
+        return list(ids)
+
+    def _check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Refuse, before any work, a request whose prompt + max_tokens the cache or the model cannot hold."""
+        needed = prompt_tokens + max_tokens
+        limit = self.model.config.text.max_position_embeddings
+        if needed > limit:
+            raise InputError(f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+                             f"context of {limit} tokens")
+        free = self.pool.free_pages * self.pool.page_size
+        if needed > free:
+            raise InputError(f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) = {needed} tokens exceeds "
+                             f"the KV cache's {free} free tokens (capacity {self.pool.capacity_tokens}; "
+                             "raise kv_cache_tokens or lower max_tokens)")
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+
+def _parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if dtype in DTYPES:
+        return DTYPES[dtype]
+    raise InputError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+
+
+def _default_kv_tokens(device: torch.device, bytes_per_token: int, max_positions: int) -> int:
+    """CUDA: 85% of the memory still free after the weights (the rest is headroom for activations). CPU: a fixed
+    CPU_KV_TOKENS, which the tests' tiny models and a single long request fit in."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.85) // bytes_per_token
+    return min(CPU_KV_TOKENS, max_positions)
