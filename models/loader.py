@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from tandem.models.config import load_config
 from tandem.models.errors import CheckpointError
-from tandem.models.qwen3_vl import PACKED_PARAMS, Qwen3VL
+from tandem.models.qwen3_vl import PackedLinear, Qwen3VL
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -91,44 +91,38 @@ def _dtype(name: str, path: Path, tensor: str) -> torch.dtype:
     return dtypes[name]
 
 
-def _sources(param_name: str) -> list[str]:
-    """Checkpoint tensor names that fill one model parameter, in stacking order."""
+def _sources(model: Qwen3VL, param_name: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(checkpoint tensor name, expected shape) of each tensor that fills one model parameter, in stacking order."""
     prefix = "" if param_name.startswith("lm_head.") else "model."
-    module, _, leaf = param_name.rpartition(".")
-    parent, _, last = module.rpartition(".")
-    if last in PACKED_PARAMS:
-        return [f"{prefix}{parent}.{part}.{leaf}" for part in PACKED_PARAMS[last]]
-    return [prefix + param_name]
+    module_name, _, leaf = param_name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if isinstance(module, PackedLinear):
+        parent = module_name.rpartition(".")[0]
+        return [(f"{prefix}{parent}.{part}.{leaf}", (rows, module.in_features)) for part, rows in module.parts.items()]
+    return [(prefix + param_name, tuple(getattr(module, leaf).shape))]
 
 
 def _plan(model: Qwen3VL, headers: dict) -> dict[str, list[Source]]:
     """Map every model parameter to its checkpoint tensors, checking presence and shapes; reject leftovers."""
     plan: dict[str, list[Source]] = {}
-    used = set()
     missing = []
-    for param_name, param in model.named_parameters():
+    for param_name, _ in model.named_parameters():
         offset, sources = 0, []
-        for name in _sources(param_name):
+        for name, expected in _sources(model, param_name):
             if name not in headers:
                 missing.append(name)
                 continue
             path, shape, _ = headers[name]
-            rows = shape[0] if shape else 0
-            expected = (rows, *param.shape[1:]) if len(_sources(param_name)) > 1 else tuple(param.shape)
-            if shape != expected or offset + rows > param.shape[0]:
+            if shape != expected:
                 raise CheckpointError(
                     f"{path}: tensor {name} has shape {list(shape)}, expected {list(expected)} for this config"
                 )
             sources.append(Source(name, path, offset, shape))
-            offset += rows
-            used.add(name)
-        if sources and offset != param.shape[0]:
-            raise CheckpointError(
-                f"{sources[0].file}: tensors {[s.name for s in sources]} stack to {offset} rows, expected {param.shape[0]}"
-            )
+            offset += shape[0]
         plan[param_name] = sources
     if missing:
         raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:5])}")
+    used = {s.name for sources in plan.values() for s in sources}
     # A tied checkpoint may still carry lm_head.weight; it is accepted only as an exact copy (checked after load).
     leftovers = sorted(set(headers) - used - ({"lm_head.weight"} if model.config.tie_word_embeddings else set()))
     if leftovers:

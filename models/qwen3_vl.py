@@ -1,8 +1,8 @@
 """Qwen3-VL: the vision encoder feeding a Qwen3 text decoder with interleaved M-RoPE and DeepStack.
 
 The decoder works on packed tokens [T, hidden] of any number of sequences and keeps K/V in the paged cache
-(tandem.kernels.attention). q/k/v and gate/up are each one fused projection; the loader fills them from the
-checkpoint's separate tensors (PACKED_PARAMS).
+(tandem.kernels.attention). q/k/v and gate/up are each one fused projection (PackedLinear); the loader fills
+them from the checkpoint's separate tensors.
 """
 
 from __future__ import annotations
@@ -27,8 +27,14 @@ from tandem.kernels import (
 from tandem.models.config import ModelConfig, TextConfig
 from tandem.models.vision import VisionEncoder
 
-# fused parameter -> the checkpoint tensors stacked into it, in order along the output dim
-PACKED_PARAMS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+class PackedLinear(nn.Linear):
+    """Several bias-free projections of one input stacked into one matmul. `parts` names the checkpoint's separate
+    projections (siblings of this module) and their output sizes, in stacking order."""
+
+    def __init__(self, in_features: int, parts: dict[str, int]):
+        super().__init__(in_features, sum(parts.values()), bias=False)
+        self.parts = parts
 
 
 class RMSNorm(nn.Module):
@@ -46,14 +52,13 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         q_size, kv_size = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-        self.split = (q_size, kv_size, kv_size)
-        self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=False)
+        self.qkv_proj = PackedLinear(config.hidden_size, {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size})
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q, k, v = self.qkv_proj(x).split(tuple(self.qkv_proj.parts.values()), dim=-1)
         # Per-head RMSNorm on q and k comes before the rotation.
         q = apply_rotary(self.q_norm(q.view(-1, self.num_heads, self.head_dim)), cos, sin)
         k = apply_rotary(self.k_norm(k.view(-1, self.num_kv_heads, self.head_dim)), cos, sin)
@@ -65,7 +70,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: TextConfig):
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        size = config.intermediate_size
+        self.gate_up_proj = PackedLinear(config.hidden_size, {"gate_proj": size, "up_proj": size})
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

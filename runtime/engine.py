@@ -57,6 +57,7 @@ class Prompt:
     images: ImageInputs | None
     positions: torch.Tensor  # [3, len(token_ids)]
     rope_delta: int  # generated token i (counting the prompt) sits at position i + rope_delta
+    preprocess_s: float = 0.0  # image decoding and preprocessing, counted in Timings.vision_s
 
 
 class Engine:
@@ -125,7 +126,9 @@ class Engine:
             if images is not None:
                 raise InputError("images go inside messages as {'type': 'image', 'image': ...} parts")
             images = extract_images(messages)
+        start = self._now()
         inputs = preprocess_images(images, self.image_config, self.device, self.dtype) if images else None
+        preprocess_s = self._now() - start
         per_image = inputs.tokens_per_image if inputs else []
         if messages is not None:
             ids = build_prompt_ids(self.tokenizer, messages, per_image)
@@ -133,7 +136,17 @@ class Engine:
             ids = expand_image_pads(self._check_ids(prompt_token_ids), per_image, self.tokenizer.image_pad_id)
         grids = [tuple(g) for g in inputs.grid_thw.tolist()] if inputs else []
         positions, rope_delta = mrope_positions(ids, grids, self.model.config.image_token_id, self.image_config.merge_size)
-        return Prompt(ids, inputs, positions.to(self.device), rope_delta)
+        return Prompt(ids, inputs, positions.to(self.device), rope_delta, preprocess_s)
+
+    def prompt_logits(self, prompt: Prompt) -> torch.Tensor:
+        """Logits [len(prompt), vocab] (float32) at every prompt position, from one prefill pass."""
+        self._check_fits(len(prompt.token_ids), 0)
+        seq = Sequence(self.pool)
+        try:
+            with torch.inference_mode():
+                return self._prefill(seq, prompt, Timings(), last_only=False)
+        finally:
+            seq.release()
 
     # ---- internals ---------------------------------------------------------------------------------------------
     def _tokens(self, prompt: Prompt, sampling: SamplingParams | None, timings: Timings) -> Iterator[int]:
@@ -147,14 +160,7 @@ class Engine:
         timings.prompt_tokens = len(prompt.token_ids)
         try:
             with torch.inference_mode():
-                start = self._now()
-                image_embeds, visual = self._encode_images(prompt)
-                timings.vision_s = self._now() - start
-                ids = torch.tensor(prompt.token_ids, device=self.device)
-                hidden = self._forward(seq, ids, prompt.positions, image_embeds, visual)
-                token = int(sample(self.model.logits(hidden[-1:]), params, generator))
-                timings.prefill_s = self._now() - start - timings.vision_s
-                timings.image_tokens = int(visual.mask.sum()) if visual else 0
+                token = int(sample(self._prefill(seq, prompt, timings, last_only=True), params, generator))
                 count = 1
                 timings.output_tokens = 1
                 yield token
@@ -169,6 +175,20 @@ class Engine:
                     yield token
         finally:
             seq.release()
+
+    def _prefill(self, seq: Sequence, prompt: Prompt, timings: Timings, last_only: bool) -> torch.Tensor:
+        """Encode the prompt's images (vision_s) and run the whole prompt through the decoder (prefill_s)
+        -> logits of the last position [1, vocab] or of every position [T, vocab]."""
+        start = self._now()
+        image_embeds, visual = self._encode_images(prompt)
+        vision_end = self._now()
+        timings.vision_s = prompt.preprocess_s + vision_end - start
+        timings.image_tokens = int(visual.mask.sum()) if visual else 0
+        ids = torch.tensor(prompt.token_ids, device=self.device)
+        hidden = self._forward(seq, ids, prompt.positions, image_embeds, visual)
+        logits = self.model.logits(hidden[-1:] if last_only else hidden)
+        timings.prefill_s = self._now() - vision_end
+        return logits
 
     def _encode_images(self, prompt: Prompt) -> tuple[torch.Tensor | None, VisualTokens | None]:
         if prompt.images is None:

@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny random Qwen3-VL checkpoints built with transformers, and seeded test images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tandem.models.tiny import build_tiny_checkpoint
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_2b(tmp_path_factory) -> Path:
+    """2B-like: tied lm_head, deepstack after vision blocks 1..3."""
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-2b"), "2b-like", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_8b(tmp_path_factory) -> Path:
+    """8B-like: untied lm_head, vision head_dim 36 (not a power of two)."""
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-8b"), "8b-like", seed=1)
+
+
+def random_image(height: int, width: int, seed: int) -> np.ndarray:
+    """A seeded HWC uint8 image with structure (a gradient plus noise), so resampling is not trivial."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), (x + y) % 256], axis=-1)
+    return np.clip(base + rng.integers(-40, 40, (height, width, 3)), 0, 255).astype(np.uint8)

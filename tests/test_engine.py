@@ -1,0 +1,119 @@
+"""The Engine's request handling: stops, streaming, limits, bad input, and that it stays usable afterwards."""
+
+from __future__ import annotations
+
+import pytest
+
+from tandem.models.errors import InputError
+from tandem.runtime import Engine, SamplingParams
+
+from conftest import random_image
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_2b) -> Engine:
+    return Engine.from_pretrained(tiny_2b, device="cpu", dtype="float32", kv_cache_tokens=4096)
+
+
+@pytest.fixture(scope="module")
+def messages():
+    image = random_image(240, 300, seed=5)
+    return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What is this?"}]}]
+
+
+def test_generate_reports_counts_and_timings(engine, messages):
+    out = engine.generate(messages, GREEDY)
+    t = out.timings
+    assert len(out.token_ids) == 12 and out.finish_reason == "length"
+    assert t.output_tokens == 12 and t.image_tokens == (256 // 16) * (288 // 16) // 4  # 240x300 resizes to 256x288
+    assert t.prompt_tokens == len(engine.prepare(messages).token_ids)
+    assert t.vision_s > 0 and t.prefill_s > 0 and t.decode_s > 0
+    assert out.text == engine.tokenizer.decode(out.token_ids)
+
+
+def test_stream_concatenates_to_generate_text(engine, messages):
+    assert "".join(engine.stream(messages, GREEDY)) == engine.generate(messages, GREEDY).text
+    assert engine.pool.pages_in_use == 0
+
+
+def test_stop_token_ends_generation_and_is_not_in_the_text(engine, messages):
+    free = engine.generate(messages, GREEDY).token_ids
+    stop = free[4]
+    first = free.index(stop)
+    out = engine.generate(messages, SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=(stop,)))
+    assert out.token_ids == free[: first + 1]
+    assert out.finish_reason == "stop"
+    assert out.text == engine.tokenizer.decode(free[:first])
+    assert "".join(engine.stream(messages, SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=(stop,)))) == out.text
+
+
+def test_seeded_sampling_is_reproducible(engine, messages):
+    params = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.95, top_k=50, seed=123)
+    assert engine.generate(messages, params).token_ids == engine.generate(messages, params).token_ids
+
+
+def test_default_sampling_comes_from_generation_config(engine):
+    # The tiny checkpoint's generation_config.json says what the real Qwen3-VL's does.
+    d = engine.sampling_defaults
+    assert (d.temperature, d.top_p, d.top_k) == (0.7, 0.8, 20)
+    assert engine.eos_ids == (151645, 151643)
+
+
+def test_too_long_for_the_model_context_is_refused_before_any_work(engine, messages):
+    limit = engine.model.config.text.max_position_embeddings
+    with pytest.raises(InputError, match=rf"exceeds the model's context of {limit} tokens"):
+        engine.generate(messages, SamplingParams(max_tokens=limit, temperature=0.0))
+    assert engine.pool.pages_in_use == 0
+
+
+def test_too_long_for_the_cache_is_refused_before_any_work(tiny_2b, messages):
+    small = Engine.from_pretrained(tiny_2b, device="cpu", dtype="float32", kv_cache_tokens=128)
+    with pytest.raises(InputError, match=r"exceeds the KV cache's 128 free tokens"):
+        small.generate(messages, SamplingParams(max_tokens=200, temperature=0.0))
+    assert small.pool.pages_in_use == 0
+    assert len(small.generate([{"role": "user", "content": "hi"}], GREEDY).token_ids) == 12
+
+
+def test_pages_held_elsewhere_shrink_what_a_request_may_use(engine):
+    hog = engine.pool.allocate(engine.pool.free_pages - 2)  # another holder keeps all but two pages
+    try:
+        with pytest.raises(InputError, match=r"exceeds the KV cache's 32 free tokens"):
+            engine.prompt_logits(engine.prepare([{"role": "user", "content": "x " * 40}]))
+    finally:
+        engine.pool.release(hog)
+    assert engine.pool.pages_in_use == 0
+
+
+def test_abandoned_stream_releases_its_pages(engine, messages):
+    stream = engine.stream(messages, SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True))
+    next(stream)
+    assert engine.pool.pages_in_use > 0
+    stream.close()
+    assert engine.pool.pages_in_use == 0
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    (dict(prompt_token_ids=[]), r"prompt_token_ids is empty"),
+    (dict(prompt_token_ids=[1, 2, 999999]), r"prompt_token_ids\[2\] = 999999 is not a token id"),
+    (dict(prompt_token_ids=[1, 151655, 2], images=[]), r"image"),
+    (dict(), r"either messages or prompt_token_ids"),
+])
+def test_bad_requests_are_clear_errors_and_the_engine_stays_usable(engine, kwargs, pattern):
+    with pytest.raises(InputError, match=pattern):
+        engine.generate(sampling=GREEDY, **kwargs)
+    assert engine.pool.pages_in_use == 0
+    assert len(engine.generate([{"role": "user", "content": "hello"}], GREEDY).token_ids) == 12
+
+
+def test_missing_image_file_names_the_path(engine, tmp_path):
+    missing = tmp_path / "nope.png"
+    with pytest.raises(InputError, match="nope.png"):
+        engine.generate([{"role": "user", "content": [{"type": "image", "image": str(missing)}]}], GREEDY)
+    assert len(engine.generate([{"role": "user", "content": "hello"}], GREEDY).token_ids) == 12
+
+
+def test_unsupported_dtype(tiny_2b):
+    with pytest.raises(InputError, match=r"dtype 'int8' is not supported"):
+        Engine.from_pretrained(tiny_2b, device="cpu", dtype="int8")
