@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from tandem.models.config import load_config
+from tandem.models.config import ModelConfig, load_config
 from tandem.models.errors import CheckpointError
 from tandem.models.qwen3_vl import PackedLinear, Qwen3VL
 
@@ -35,9 +35,11 @@ class Source:
     shape: tuple[int, ...]
 
 
-def load_model(checkpoint_dir: str | Path, device: torch.device | str, dtype: torch.dtype) -> Qwen3VL:
+def load_model(checkpoint_dir: str | Path, device: torch.device | str, dtype: torch.dtype,
+               config: ModelConfig | None = None) -> Qwen3VL:
+    """The checkpoint's model, every weight on `device` in `dtype`. `config` saves re-reading config.json."""
     checkpoint_dir = Path(checkpoint_dir)
-    config = load_config(checkpoint_dir)
+    config = config or load_config(checkpoint_dir)
     with torch.device("meta"):
         model = Qwen3VL(config)
     headers = _read_headers(_weight_files(checkpoint_dir))

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from tandem.kernels import AttentionMetadata
+from tandem.models.config import load_config
 from tandem.models.errors import InputError
 from tandem.models.image import ImageInputs, ImageProcessorConfig, preprocess_images
 from tandem.models.loader import load_model
@@ -83,10 +84,11 @@ class Engine:
         kv_cache_tokens sizes the KV page pool; by default from free device memory (CUDA) or CPU_KV_TOKENS."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = _parse_dtype(dtype, device)
-        tokenizer = Tokenizer.from_pretrained(checkpoint_dir)  # cheap checks first: fail before loading weights
+        config = load_config(checkpoint_dir)  # cheap checks first: fail before loading any weight
+        tokenizer = Tokenizer.from_pretrained(checkpoint_dir)
         image_config = ImageProcessorConfig.from_checkpoint(checkpoint_dir)
         defaults, eos_ids = checkpoint_defaults(checkpoint_dir)
-        model = load_model(checkpoint_dir, device, dtype)
+        model = load_model(checkpoint_dir, device, dtype, config)
         text = model.config.text
         if kv_cache_tokens is None:
             kv_cache_tokens = _default_kv_tokens(device, PagePool.bytes_per_token(text, dtype), text.max_position_embeddings)
