@@ -114,10 +114,13 @@ class Engine:
         detok = IncrementalDetokenizer(self.tokenizer, prompt.token_ids)
         for token in self._tokens(prompt, sampling, Timings()):
             if token in stop_ids:
-                return
+                break
             piece = detok.add(token)
             if piece:
                 yield piece
+        tail = detok.flush()  # text held back waiting for the rest of a character that never came
+        if tail:
+            yield tail
 
     def prepare(self, messages: list[dict] | None, prompt_token_ids: list[int] | None = None,
                 images: list | None = None) -> Prompt:
