@@ -2,7 +2,10 @@
 
 The text decoder never sees a contiguous K/V tensor: each layer writes the new tokens' K/V into cache slots, then
 attends over every cached token of the sequence by reading its pages through the block table. Prefill (many new
-tokens, causal) and decode (one new token) are the same operation with different query lengths.
+tokens per sequence, causal, possibly on top of a cached prefix) and decode (one new token per sequence) are
+separate kernels because their shapes want different parallelisations.
+
+These torch functions are the specification; tandem.kernels dispatches to the Triton kernels of the same name.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [B, max_pages] int32: each sequence's pages, in order
     seq_lens: torch.Tensor  # [B] int32: tokens in each sequence's cache after this pass (cached + new)
     cu_query_lens: torch.Tensor  # [B + 1] int32: the new tokens of sequence b are rows [cu[b], cu[b+1])
+    max_query_len: int  # the most new tokens of any sequence; 1 means a decode step
+    key_mass: torch.Tensor | None = None  # [B, max_seq] float32: decode adds the attention each key receives
 
 
 def store_kv(
@@ -31,41 +36,74 @@ def store_kv(
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
 
 
-def paged_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+def prefill_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    seq_lens: torch.Tensor, cu_query_lens: torch.Tensor, max_query_len: int, scale: float,
 ) -> torch.Tensor:
-    """Causal attention of the new queries q [T, heads, D] over each sequence's cached keys/values.
+    """Causal attention of new queries q [T, heads, D] over each sequence's cached keys/values (prefix + new).
 
     The new token i of a sequence with n cached tokens and L new ones sits at position n - L + i and sees keys
-    0 .. n - L + i. Grouped-query: query head h reads kv head h // (heads / kv_heads).
+    0 .. n - L + i. Grouped-query: query head h reads kv head h // (heads / kv_heads). max_query_len bounds
+    the launch grid of the kernel; the reference does not need it.
     """
     out = torch.empty_like(q)
-    page_size = k_cache.shape[1]
-    cu = meta.cu_query_lens.tolist()
-    for b, n in enumerate(meta.seq_lens.tolist()):
+    cu = cu_query_lens.tolist()
+    for b, n in enumerate(seq_lens.tolist()):
         start, end = cu[b], cu[b + 1]
-        pages = meta.block_tables[b, : -(-n // page_size)].long()
-        k = k_cache[pages].flatten(0, 1)[:n]
-        v = v_cache[pages].flatten(0, 1)[:n]
-        new = end - start
-        query_pos = torch.arange(n - new, n, device=q.device)
+        k, v = _gather_pages(k_cache, v_cache, block_tables[b], n)
+        query_pos = torch.arange(n - (end - start), n, device=q.device)
         mask = torch.arange(n, device=q.device)[None, :] <= query_pos[:, None]
-        out[start:end] = _sdpa(q[start:end], k, v, mask, scale)
+        out[start:end] = _attend(q[start:end], k, v, mask, scale)
     return out
 
 
-def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int], scale: float) -> torch.Tensor:
-    """Bidirectional attention within each packed segment [cu[i], cu[i+1]) of q, k, v [T, heads, D] (vision frames)."""
+def decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    seq_lens: torch.Tensor, scale: float, key_mass: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One new query per sequence, q [B, heads, D], over all seq_lens[b] cached keys of sequence b.
+
+    With key_mass [B, >= max seq_len] float32, also adds to key_mass[b, j] the attention probability key j
+    receives, summed over the query heads (called once per layer, it accumulates over layers too).
+    """
     out = torch.empty_like(q)
-    for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
-        out[start:end] = _sdpa(q[start:end], k[start:end], v[start:end], None, scale)
+    for b, n in enumerate(seq_lens.tolist()):
+        k, v = _gather_pages(k_cache, v_cache, block_tables[b], n)
+        out[b : b + 1] = _attend(q[b : b + 1], k, v, None, scale)
+        if key_mass is not None:
+            key_mass[b, :n] += _probabilities(q[b : b + 1], k, scale).sum(dim=(0, 1))
     return out
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+def varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float
+) -> torch.Tensor:
+    """Bidirectional attention within each packed segment [cu[i], cu[i+1]) of q, k, v [T, heads, D] (vision
+    frames: a patch sees every patch of its own frame and nothing else)."""
+    out = torch.empty_like(q)
+    cu = cu_seqlens.tolist()
+    for start, end in zip(cu[:-1], cu[1:]):
+        out[start:end] = _attend(q[start:end], k[start:end], v[start:end], None, scale)
+    return out
+
+
+def _gather_pages(k_cache, v_cache, block_table: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first n cached keys and values of one sequence, [n, kv_heads, D] each, in token order."""
+    pages = block_table[: -(-n // k_cache.shape[1])].long()
+    return k_cache[pages].flatten(0, 1)[:n], v_cache[pages].flatten(0, 1)[:n]
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
     """q [L, H, D], k/v [S, Hkv, D] -> [L, H, D]; softmax(q k^T * scale + mask) v with GQA head sharing."""
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale,
         enable_gqa=q.shape[1] != k.shape[1],
     )
     return out.transpose(0, 1)
+
+
+def _probabilities(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Softmax attention probabilities [L, H, S] in float32, kv heads repeated for GQA."""
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = torch.einsum("lhd,shd->lhs", q.float(), k.float()) * scale
+    return scores.softmax(dim=-1)

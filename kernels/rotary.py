@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from tandem.kernels.attention import store_kv
+from tandem.kernels.norm import rms_norm
+
 
 def rotary_inv_freq(dim: int, theta: float) -> torch.Tensor:
     """The standard RoPE inverse frequencies, float32, computed exactly as the reference model does."""
@@ -43,3 +46,15 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     x1, x2 = xf.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return (xf * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
+
+
+def qk_norm_rope_store(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+    cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """The text attention's input step in one op: per-head RMSNorm of q [T, H, D] and k [T, Hkv, D], rotation of
+    both by cos/sin [T, D], and k, v written into the paged caches at slot_mapping [T]. Returns the rotated q."""
+    q = apply_rotary(rms_norm(q, q_weight, eps), cos, sin)
+    k = apply_rotary(rms_norm(k, k_weight, eps), cos, sin)
+    store_kv(k, v, k_cache, v_cache, slot_mapping)
+    return q

@@ -15,14 +15,14 @@ from torch import nn
 
 from tandem.kernels import (
     AttentionMetadata,
-    apply_rotary,
+    decode_attention,
     mrope_axes,
-    paged_attention,
+    prefill_attention,
+    qk_norm_rope_store,
     rms_norm,
     rotary_cos_sin,
     rotary_inv_freq,
     silu_and_mul,
-    store_kv,
 )
 from tandem.models.config import ModelConfig, TextConfig
 from tandem.models.vision import VisionEncoder
@@ -59,11 +59,18 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split(tuple(self.qkv_proj.parts.values()), dim=-1)
-        # Per-head RMSNorm on q and k comes before the rotation.
-        q = apply_rotary(self.q_norm(q.view(-1, self.num_heads, self.head_dim)), cos, sin)
-        k = apply_rotary(self.k_norm(k.view(-1, self.num_kv_heads, self.head_dim)), cos, sin)
-        store_kv(k, v.view(-1, self.num_kv_heads, self.head_dim), k_cache, v_cache, meta.slot_mapping)
-        out = paged_attention(q, k_cache, v_cache, meta, scale=self.head_dim**-0.5)
+        # Per-head RMSNorm on q and k, then M-RoPE; k and v go into the paged cache.
+        q = qk_norm_rope_store(
+            q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim),
+            v.view(-1, self.num_kv_heads, self.head_dim), self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
+            cos, sin, k_cache, v_cache, meta.slot_mapping,
+        )
+        scale = self.head_dim**-0.5
+        if meta.max_query_len == 1:
+            out = decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, meta.key_mass)
+        else:
+            out = prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.cu_query_lens,
+                                    meta.max_query_len, scale)
         return self.o_proj(out.flatten(1))
 
 

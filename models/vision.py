@@ -6,12 +6,28 @@ LLM token are consecutive, so the mergers only reshape [4N, D] -> [N, 4D].
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tandem.kernels import apply_rotary, rotary_cos_sin, rotary_inv_freq, varlen_attention
 from tandem.models.config import VisionConfig
+
+
+@dataclass
+class Frames:
+    """Patch offsets of every frame, packed one after another: vision attention never crosses a frame."""
+
+    cu_seqlens: torch.Tensor  # [frames + 1] int32 on the device
+    max_seqlen: int
+
+    @classmethod
+    def of(cls, grid_thw: list[tuple[int, int, int]], device: torch.device) -> "Frames":
+        sizes = [h * w for t, h, w in grid_thw for _ in range(t)]
+        cu = torch.tensor([0] + sizes, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        return cls(cu.to(device), max(sizes))
 
 
 class VisionAttention(nn.Module):
@@ -21,10 +37,10 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: list[int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, frames: Frames) -> torch.Tensor:
         q, k, v = self.qkv(x).view(x.shape[0], 3, self.num_heads, -1).unbind(1)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = varlen_attention(q, k, v, cu_seqlens, scale=q.shape[-1] ** -0.5)
+        out = varlen_attention(q, k, v, frames.cu_seqlens, frames.max_seqlen, scale=q.shape[-1] ** -0.5)
         return self.proj(out.flatten(1))
 
 
@@ -46,8 +62,8 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(config)
         self.mlp = VisionMLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: list[int]) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, frames: Frames) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cos, sin, frames)
         return x + self.mlp(self.norm2(x))
 
 
@@ -107,11 +123,11 @@ class VisionEncoder(nn.Module):
         x = x + self._position_table(grid_thw, x.device).to(x.dtype)
         rows_cols = _patch_rows_cols(grid_thw, self.config.spatial_merge_size, x.device)
         cos, sin = rotary_cos_sin(rows_cols, self.rotary_inv_freq, self.rotary_axes)
-        cu_seqlens = _frame_boundaries(grid_thw)
+        frames = Frames.of(grid_thw, x.device)
 
         deepstack = []
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cu_seqlens)
+            x = block(x, cos, sin, frames)
             if i in self.config.deepstack_visual_indexes:
                 deepstack.append(self.deepstack_merger_list[self.config.deepstack_visual_indexes.index(i)](x))
         return self.merger(x), deepstack
@@ -147,10 +163,3 @@ def _patch_rows_cols(grid_thw: list[tuple[int, int, int]], merge: int, device: t
     return torch.cat(out, dim=1)
 
 
-def _frame_boundaries(grid_thw: list[tuple[int, int, int]]) -> list[int]:
-    """Cumulative patch offsets of every frame: vision attention never crosses a frame."""
-    cu = [0]
-    for t, h, w in grid_thw:
-        for _ in range(t):
-            cu.append(cu[-1] + h * w)
-    return cu

@@ -212,6 +212,7 @@ class Engine:
             block_tables=seq.block_table(self.device),
             seq_lens=torch.tensor([seq.length], dtype=torch.int32, device=self.device),
             cu_query_lens=torch.tensor([0, len(ids)], dtype=torch.int32, device=self.device),
+            max_query_len=len(ids),
         )
         x = self.model.embed(ids, image_embeds)
         return self.model.language_model(x, positions, self.pool.kv, meta, visual)

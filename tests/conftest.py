@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run on CPU tensors only in Triton's interpreter, which must be on before any kernel is defined.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tandem.models.tiny import build_tiny_checkpoint
 
