@@ -1,12 +1,12 @@
 """tandem.kernels: every hot op of the runtime.
 
 Each op is defined by a torch reference (kernels/<op>.py: the spec, and the CPU path) and has a Triton kernel
-(kernels/<op>_triton.py) that must match it; `dispatch` picks one per call (see tandem.kernels.dispatch).
+(kernels/<op>_triton.py) that must match it; `dispatch` picks one per call (see tandem.kernels.backend).
 """
 
 from tandem.kernels import activation, attention, gather, norm, rotary
 from tandem.kernels.attention import AttentionMetadata
-from tandem.kernels.dispatch import BACKENDS, dispatch, use_backend
+from tandem.kernels.backend import BACKENDS, dispatch, use_backend
 from tandem.kernels.rotary import mrope_axes, rotary_cos_sin, rotary_inv_freq
 
 rms_norm = dispatch(norm.rms_norm, "tandem.kernels.norm_triton:rms_norm")

@@ -7,6 +7,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+from tandem.kernels import BACKENDS
 from tandem.models.errors import TandemError
 from tandem.runtime.engine import Engine, Timings
 from tandem.runtime.sampling import SamplingParams
@@ -50,11 +51,11 @@ def _add_request_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--kernel-backend", choices=BACKENDS, help="default: TANDEM_KERNEL_BACKEND, else auto")
 
 
 def _generate(args: argparse.Namespace) -> int:
-    engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
-    _run(engine, args, args.image)
+    _run(_engine(args), args, args.image)
     return 0
 
 
@@ -66,10 +67,14 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"model: tiny random Qwen3-VL at {args.model}\n"
               "       its weights are random, so the text below is noise: this shows the pipeline, not a model.\n")
     images = args.image or [Path(str(resources.files("tandem.runtime") / "assets" / "demo.png"))]
-    engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    engine = _engine(args)
     print(f"image: {', '.join(map(str, images))}\nprompt: {args.prompt}\n")
     _run(engine, args, images)
     return 0
+
+
+def _engine(args: argparse.Namespace) -> Engine:
+    return Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, kernel_backend=args.kernel_backend)
 
 
 def _run(engine: Engine, args: argparse.Namespace, images: list[Path]) -> None:

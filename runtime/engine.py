@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from tandem.kernels import AttentionMetadata
+from tandem.kernels import BACKENDS, AttentionMetadata, use_backend
 from tandem.models.config import load_config
 from tandem.models.errors import InputError
 from tandem.models.image import ImageInputs, ImageProcessorConfig, preprocess_images
@@ -63,13 +63,14 @@ class Prompt:
 
 class Engine:
     def __init__(self, model: Qwen3VL, tokenizer: Tokenizer, image_config: ImageProcessorConfig, pool: PagePool,
-                 sampling_defaults: SamplingParams, eos_ids: tuple[int, ...]):
+                 sampling_defaults: SamplingParams, eos_ids: tuple[int, ...], kernel_backend: str | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.image_config = image_config
         self.pool = pool
         self.sampling_defaults = sampling_defaults
         self.eos_ids = eos_ids or tokenizer.eos_ids
+        self.kernel_backend = kernel_backend  # None: TANDEM_KERNEL_BACKEND, else auto (see tandem.kernels.backend)
         self.device = model.lm_head_weight.device
         self.dtype = model.lm_head_weight.dtype
         self._generator = torch.Generator(self.device)
@@ -78,12 +79,15 @@ class Engine:
     @classmethod
     def from_pretrained(
         cls, checkpoint_dir: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-        kv_cache_tokens: int | None = None, page_size: int = DEFAULT_PAGE_SIZE,
+        kv_cache_tokens: int | None = None, page_size: int = DEFAULT_PAGE_SIZE, kernel_backend: str | None = None,
     ) -> "Engine":
         """Load a Qwen3-VL checkpoint folder. device/dtype default to cuda + bfloat16 when available, else cpu + float32.
-        kv_cache_tokens sizes the KV page pool; by default from free device memory (CUDA) or CPU_KV_TOKENS."""
+        kv_cache_tokens sizes the KV page pool; by default from free device memory (CUDA) or CPU_KV_TOKENS.
+        kernel_backend ("torch", "triton" or "auto") overrides TANDEM_KERNEL_BACKEND for this engine."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = _parse_dtype(dtype, device)
+        if kernel_backend is not None and kernel_backend not in BACKENDS:
+            raise InputError(f"kernel_backend {kernel_backend!r} is not one of {', '.join(BACKENDS)}")
         config = load_config(checkpoint_dir)  # cheap checks first: fail before loading any weight
         tokenizer = Tokenizer.from_pretrained(checkpoint_dir)
         image_config = ImageProcessorConfig.from_checkpoint(checkpoint_dir)
@@ -93,7 +97,7 @@ class Engine:
         if kv_cache_tokens is None:
             kv_cache_tokens = _default_kv_tokens(device, PagePool.bytes_per_token(text, dtype), text.max_position_embeddings)
         pool = PagePool(text, -(-kv_cache_tokens // page_size), page_size, device, dtype)
-        return cls(model, tokenizer, image_config, pool, defaults, eos_ids)
+        return cls(model, tokenizer, image_config, pool, defaults, eos_ids, kernel_backend)
 
     # ---- public API --------------------------------------------------------------------------------------------
     def generate(self, messages: list[dict] | None = None, sampling: SamplingParams | None = None, *,
@@ -199,7 +203,8 @@ class Engine:
         if prompt.images is None:
             return None, None
         grids = [tuple(g) for g in prompt.images.grid_thw.tolist()]
-        image_embeds, deepstack = self.model.visual(prompt.images.pixel_values, grids)
+        with use_backend(self.kernel_backend):
+            image_embeds, deepstack = self.model.visual(prompt.images.pixel_values, grids)
         mask = torch.tensor(prompt.token_ids, device=self.device) == self.model.config.image_token_id
         return image_embeds, VisualTokens(mask, deepstack)
 
@@ -214,8 +219,9 @@ class Engine:
             cu_query_lens=torch.tensor([0, len(ids)], dtype=torch.int32, device=self.device),
             max_query_len=len(ids),
         )
-        x = self.model.embed(ids, image_embeds)
-        return self.model.language_model(x, positions, self.pool.kv, meta, visual)
+        with use_backend(self.kernel_backend):
+            x = self.model.embed(ids, image_embeds)
+            return self.model.language_model(x, positions, self.pool.kv, meta, visual)
 
     def _stop_ids(self, sampling: SamplingParams | None) -> frozenset[int]:
         params = sampling or SamplingParams()

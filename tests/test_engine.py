@@ -117,3 +117,8 @@ def test_missing_image_file_names_the_path(engine, tmp_path):
 def test_unsupported_dtype(tiny_2b):
     with pytest.raises(InputError, match=r"dtype 'int8' is not supported"):
         Engine.from_pretrained(tiny_2b, device="cpu", dtype="int8")
+
+
+def test_unknown_kernel_backend(tiny_2b):
+    with pytest.raises(InputError, match=r"kernel_backend 'cuda' is not one of auto, torch, triton"):
+        Engine.from_pretrained(tiny_2b, device="cpu", kernel_backend="cuda")
