@@ -1,6 +1,7 @@
-"""Tiny random Qwen3-VL checkpoints built with transformers' own model class, for tests and `tandem demo`.
+"""Random Qwen3-VL checkpoints built with transformers' own model class: tiny ones for the tests and `tandem demo`
+(about a second to build), and the real 2B/4B/8B sizes for GPU tests and latency benchmarks (no download).
 
-They have the real vocabulary, special ids, tokenizer and file layout of Qwen3-VL, and build in about a second.
+They have the real vocabulary, special ids, tokenizer and file layout of Qwen3-VL.
 """
 
 from __future__ import annotations
@@ -111,6 +112,37 @@ PRESETS: dict[str, dict] = {
     },
 }
 
+
+
+def _real_size(text: tuple[int, int, int, int, int], vision: tuple[int, int, int, int], deepstack: list[int],
+               tied: bool) -> dict:
+    """A published Qwen3-VL size: text (hidden, layers, heads, kv heads, ffn), vision (depth, hidden, heads, ffn)."""
+    hidden, layers, heads, kv_heads, ffn = text
+    depth, v_hidden, v_heads, v_ffn = vision
+    return {
+        **_TOKEN_IDS,
+        "tie_word_embeddings": tied,
+        "text_config": {
+            **_TEXT_COMMON, "head_dim": 128, "rope_parameters": {**_TEXT_COMMON["rope_parameters"], "mrope_section": [24, 20, 20]},
+            "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads, "intermediate_size": ffn,
+        },
+        "vision_config": {
+            **_VISION_COMMON, "depth": depth, "hidden_size": v_hidden, "num_heads": v_heads, "intermediate_size": v_ffn,
+            "out_hidden_size": hidden, "num_position_embeddings": 2304, "deepstack_visual_indexes": deepstack,
+        },
+    }
+
+
+TINY_PRESETS = tuple(PRESETS)  # the two that build in a second on a CPU
+
+# The real model sizes with random weights: real latency and memory without any download (DESIGN.md's table).
+PRESETS |= {
+    "qwen3-vl-2b": _real_size((2048, 28, 16, 8, 6144), (24, 1024, 16, 4096), [5, 11, 17], tied=True),
+    "qwen3-vl-4b": _real_size((2560, 36, 32, 8, 9728), (24, 1024, 16, 4096), [5, 11, 17], tied=True),
+    "qwen3-vl-8b": _real_size((4096, 36, 32, 8, 12288), (27, 1152, 16, 4304), [8, 16, 24], tied=False),
+}
+
 # Weight perturbation (see _perturb). Transformers' init (std 0.02, unit norms, zero biases) gives near-uniform
 # logits whose greedy argmax flips under float noise, and a model whose output ignores the prompt and image.
 _NORM_NOISE = 0.1  # norm weights are 1 + N(0, 0.1): no norm is the identity
@@ -160,19 +192,22 @@ def qwen_tokenizer_dir() -> Path:
     return Path(spec.submodule_search_locations[0]) / "tokenizer_files"
 
 
-def build_tiny_checkpoint(
-    path: str | Path, preset: str = "2b-like", seed: int = 0, config_format: str = "5.x"
+def build_random_checkpoint(
+    path: str | Path, preset: str = "2b-like", seed: int = 0, config_format: str = "5.x",
+    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Write a tiny random Qwen3-VL checkpoint folder at `path`; the same arguments give the same bytes of weights."""
+    """Write a random Qwen3-VL checkpoint folder at `path` (a tiny preset, or a real size built on `device`, e.g.
+    CUDA, in `dtype`); on one device the same arguments give the same bytes of weights."""
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     _check_preset(preset)
     if config_format not in ("5.x", "4.x"):
         raise ValueError(f"unknown config_format {config_format!r}; choose '5.x' or '4.x'")
     path = Path(path)
-    with torch.random.fork_rng(devices=[]):
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
         torch.manual_seed(seed)
-        model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**copy.deepcopy(PRESETS[preset])))
+        model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**copy.deepcopy(PRESETS[preset]))).to(dtype)
         _perturb(model)
     model.save_pretrained(path)
     if config_format == "4.x":
@@ -185,7 +220,7 @@ def build_tiny_checkpoint(
 
 def _check_preset(preset: str) -> None:
     if preset not in PRESETS:
-        raise ValueError(f"unknown tiny preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
 
 
 @torch.no_grad()
@@ -244,7 +279,8 @@ def _write_json(path: Path, data: Any) -> None:
 
 def cached_tiny_checkpoint(preset: str = "2b-like") -> Path:
     """A tiny checkpoint (seed 0) built once under the user cache folder and reused afterwards."""
-    _check_preset(preset)
+    if preset not in TINY_PRESETS:
+        raise ValueError(f"unknown tiny preset {preset!r}; choose one of {', '.join(TINY_PRESETS)}")
     cache_root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tandem"
     final = cache_root / f"tiny-{preset}-{VERSION}"
     if final.is_dir():
@@ -253,7 +289,7 @@ def cached_tiny_checkpoint(preset: str = "2b-like") -> Path:
     # Build beside the final folder and rename: an interrupted build leaves only a temp folder, never `final`.
     staging = Path(tempfile.mkdtemp(prefix=f".tiny-{preset}-", dir=cache_root))
     try:
-        build_tiny_checkpoint(staging, preset)
+        build_random_checkpoint(staging, preset)
         staging.rename(final)
     except OSError:
         if not final.is_dir():  # not merely another process finishing first

@@ -12,16 +12,16 @@ from safetensors.torch import load_file
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 import tandem.models.tiny as tiny
-from tandem.models.tiny import PRESETS, build_tiny_checkpoint, cached_tiny_checkpoint
+from tandem.models.tiny import PRESETS, TINY_PRESETS, build_random_checkpoint, cached_tiny_checkpoint
 from tandem.models.tokenizer import Tokenizer, build_prompt_ids
 
 ROPE = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [6, 5, 5], "mrope_interleaved": True}
 
 
-@pytest.fixture(scope="module", params=list(PRESETS))
+@pytest.fixture(scope="module", params=TINY_PRESETS)
 def built(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     preset = request.param
-    return preset, build_tiny_checkpoint(tmp_path_factory.mktemp(preset), preset)
+    return preset, build_random_checkpoint(tmp_path_factory.mktemp(preset), preset)
 
 
 @pytest.fixture(scope="module")
@@ -106,16 +106,16 @@ def test_weights_are_perturbed(built: tuple[str, Path]) -> None:
 
 
 def test_deterministic_for_a_seed(tmp_path: Path) -> None:
-    first = build_tiny_checkpoint(tmp_path / "a", seed=3)
-    second = build_tiny_checkpoint(tmp_path / "b", seed=3)
-    other = build_tiny_checkpoint(tmp_path / "c", seed=4)
+    first = build_random_checkpoint(tmp_path / "a", seed=3)
+    second = build_random_checkpoint(tmp_path / "b", seed=3)
+    other = build_random_checkpoint(tmp_path / "c", seed=4)
     data = [(p / "model.safetensors").read_bytes() for p in (first, second, other)]
     assert data[0] == data[1] != data[2]
 
 
 def test_4x_config_form_loads(built: tuple[str, Path], tmp_path: Path) -> None:
     preset, folder = built
-    old = build_tiny_checkpoint(tmp_path, preset, config_format="4.x")
+    old = build_random_checkpoint(tmp_path, preset, config_format="4.x")
     config = json.loads((old / "config.json").read_text())
     text = config["text_config"]
     assert "rope_parameters" not in text and text["rope_theta"] == 5e6
@@ -156,10 +156,10 @@ def test_greedy_generation_is_well_separated(built: tuple[str, Path], loaded: Qw
 
 
 def test_unknown_preset_and_format(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="unknown tiny preset 'huge'"):
-        build_tiny_checkpoint(tmp_path, "huge")
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        build_random_checkpoint(tmp_path, "huge")
     with pytest.raises(ValueError, match="unknown config_format"):
-        build_tiny_checkpoint(tmp_path, config_format="3.x")
+        build_random_checkpoint(tmp_path, config_format="3.x")
 
 
 def test_cached_checkpoint_is_built_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -168,9 +168,9 @@ def test_cached_checkpoint_is_built_once(tmp_path: Path, monkeypatch: pytest.Mon
 
     def counting_build(path: Path, preset: str) -> Path:
         builds.append(preset)
-        return build_tiny_checkpoint(path, preset)
+        return build_random_checkpoint(path, preset)
 
-    monkeypatch.setattr(tiny, "build_tiny_checkpoint", counting_build)
+    monkeypatch.setattr(tiny, "build_random_checkpoint", counting_build)
     first = cached_tiny_checkpoint()
     assert first == tmp_path / "tandem" / f"tiny-2b-like-{tiny.VERSION}"
     assert (first / "model.safetensors").is_file() and (first / "tokenizer.json").is_file()
@@ -186,7 +186,7 @@ def test_interrupted_cached_build_is_not_reused(tmp_path: Path, monkeypatch: pyt
         (path / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tiny, "build_tiny_checkpoint", interrupted_build)
+    monkeypatch.setattr(tiny, "build_random_checkpoint", interrupted_build)
     with pytest.raises(KeyboardInterrupt):
         cached_tiny_checkpoint("8b-like")
     assert list((tmp_path / "tandem").iterdir()) == []
