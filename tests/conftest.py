@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
     # Triton kernels run on CPU tensors only in Triton's interpreter, which must be on before any kernel is defined.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from tandem.models.tiny import build_tiny_checkpoint
+from tandem.models.tiny import build_random_checkpoint
 
 
 def pytest_collection_modifyitems(config, items):
@@ -28,13 +28,13 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_2b(tmp_path_factory) -> Path:
     """2B-like: tied lm_head, deepstack after vision blocks 1..3."""
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-2b"), "2b-like", seed=0)
+    return build_random_checkpoint(tmp_path_factory.mktemp("tiny-2b"), "2b-like", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_8b(tmp_path_factory) -> Path:
     """8B-like: untied lm_head, vision head_dim 36 (not a power of two)."""
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-8b"), "8b-like", seed=1)
+    return build_random_checkpoint(tmp_path_factory.mktemp("tiny-8b"), "8b-like", seed=1)
 
 
 def random_image(height: int, width: int, seed: int) -> np.ndarray:

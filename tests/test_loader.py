@@ -13,7 +13,7 @@ from transformers import Qwen3VLForConditionalGeneration
 
 from tandem.models.errors import CheckpointError
 from tandem.models.loader import load_model
-from tandem.models.tiny import build_tiny_checkpoint
+from tandem.models.tiny import build_random_checkpoint
 
 
 @pytest.fixture
@@ -63,8 +63,8 @@ def test_dtype_conversion(tiny_2b):
 
 
 def test_4x_config_form_loads_the_same_model(tmp_path):
-    old = load_model(build_tiny_checkpoint(tmp_path / "4x", "8b-like", seed=3, config_format="4.x"), "cpu", torch.float32)
-    new = load_model(build_tiny_checkpoint(tmp_path / "5x", "8b-like", seed=3), "cpu", torch.float32)
+    old = load_model(build_random_checkpoint(tmp_path / "4x", "8b-like", seed=3, config_format="4.x"), "cpu", torch.float32)
+    new = load_model(build_random_checkpoint(tmp_path / "5x", "8b-like", seed=3), "cpu", torch.float32)
     assert "rope_scaling" in json.loads((tmp_path / "4x" / "config.json").read_text())["text_config"]
     assert old.config == new.config
     for (name, a), (_, b) in zip(old.named_parameters(), new.named_parameters()):
