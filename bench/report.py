@@ -1,0 +1,31 @@
+"""Turn a pytest-benchmark JSON of bench/test_kernels.py into the Markdown table of bench/RESULTS.md.
+
+    python bench/report.py bench.json > table.md
+
+Medians in microseconds; achieved bandwidth = the case's minimum bytes / median; the last column compares it with
+the device copy bandwidth measured in the same run (test_device_copy).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def main(path: str) -> None:
+    data = json.load(open(path))
+    rows = {b["name"]: (b["stats"]["median"], b["extra_info"].get("bytes", 0)) for b in data["benchmarks"]}
+    copy_s, copy_bytes = rows.pop("test_device_copy")
+    copy_bw = copy_bytes / copy_s
+    machine = data.get("machine_info", {})
+    print(f"Device copy bandwidth: {copy_bw / 1e9:.0f} GB/s ({machine.get('node', '?')}, "
+          f"{data.get('datetime', '?')})\n")
+    print("| case | median (us) | achieved GB/s | of copy bandwidth |")
+    print("|---|---:|---:|---:|")
+    for name, (median, nbytes) in sorted(rows.items()):
+        bw = nbytes / median
+        print(f"| {name.removeprefix('test_')} | {median * 1e6:.1f} | {bw / 1e9:.0f} | {bw / copy_bw:.0%} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
