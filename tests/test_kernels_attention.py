@@ -9,6 +9,8 @@ of q's fused projection buffer that are not q. A read outside the intended regio
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -323,3 +325,17 @@ def test_dispatcher_runs_these_kernels(monkeypatch):
         ops.decode_attention(q[:1], k_cache, v_cache, block_tables, lens, 0.2)
         ops.varlen_attention(q, q, q, cumulative([2, 3], "cpu"), 3, 0.2)
     assert loaded == [kernels.prefill_attention, kernels.decode_attention, kernels.varlen_attention]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="flash-attn is not installed")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_flash_attn_varlen_matches_reference(dtype):
+    from tandem.kernels import attention_flash
+
+    frames, heads, dim = [37, 256, 1], 16, 72
+    cu = torch.tensor([0, 37, 293, 294], dtype=torch.int32, device="cuda")
+    q, k, v = (torch.randn(sum(frames), heads, dim, device="cuda", dtype=dtype) for _ in range(3))
+    expected = reference.varlen_attention(q.float(), k.float(), v.float(), cu, max(frames), dim**-0.5)
+    got = attention_flash.varlen_attention(q, k, v, cu, max(frames), dim**-0.5)
+    torch.testing.assert_close(got.float(), expected, atol=2e-2, rtol=2e-2)
