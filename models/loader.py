@@ -50,6 +50,12 @@ def load_model(checkpoint_dir: str | Path, device: torch.device | str, dtype: to
     return model.to(device).eval().requires_grad_(False)
 
 
+def weight_bytes(checkpoint_dir: str | Path, dtype: torch.dtype) -> int:
+    """The device memory the checkpoint's weights take in `dtype`, from the safetensors headers alone."""
+    headers = _read_headers(_weight_files(Path(checkpoint_dir)))
+    return sum(math.prod(shape) for _, shape, _ in headers.values()) * dtype.itemsize
+
+
 def _weight_files(checkpoint_dir: Path) -> list[Path]:
     index, single = checkpoint_dir / INDEX_FILE, checkpoint_dir / SINGLE_FILE
     if index.is_file():

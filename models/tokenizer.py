@@ -62,6 +62,10 @@ class Tokenizer:
         template, source = _find_chat_template(folder, config)
         return cls(hf, config, template, source)
 
+    def vocab(self) -> dict[str, int]:
+        """Every token and its id, added tokens included."""
+        return self._hf.get_vocab(with_added_tokens=True)
+
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; special tokens written in it are recognized, none are added."""
         return self._hf.encode(text, add_special_tokens=False).ids

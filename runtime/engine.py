@@ -51,6 +51,34 @@ class GenerateOutput:
 
 
 @dataclass
+class VisionFeatures:
+    """The vision tower's output for some images: the rows that replace their pad tokens, in order, and the
+    DeepStack features added after the first decoder layers. The unit the pipeline's vision cache stores."""
+
+    embeds: torch.Tensor  # [image tokens, hidden]
+    deepstack: list[torch.Tensor]  # each [image tokens, hidden]
+    grids: list[tuple[int, int, int]]  # (t, h, w) in patches, per image
+    merge_size: int
+
+    @property
+    def tokens_per_image(self) -> list[int]:
+        return [t * h * w // self.merge_size**2 for t, h, w in self.grids]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.embeds, *self.deepstack))
+
+
+@dataclass
+class EngineStats:
+    """Work done since the engine was built: what tests and the pipeline's reports count."""
+
+    prefill_tokens: int = 0
+    image_prefills: int = 0  # forward passes that placed image features (an image prefilled once counts once)
+    decode_steps: int = 0
+
+
+@dataclass
 class Prompt:
     """A request ready for the model: expanded token ids, preprocessed images and their M-RoPE positions."""
 
@@ -73,6 +101,7 @@ class Engine:
         self.kernel_backend = kernel_backend  # None: TANDEM_KERNEL_BACKEND, else auto (see tandem.kernels.backend)
         self.device = model.lm_head_weight.device
         self.dtype = model.lm_head_weight.dtype
+        self.stats = EngineStats()
         self._generator = torch.Generator(self.device)
         self._generator.seed()
 
@@ -85,7 +114,7 @@ class Engine:
         kv_cache_tokens sizes the KV page pool; by default from free device memory (CUDA) or CPU_KV_TOKENS.
         kernel_backend ("torch", "triton" or "auto") overrides TANDEM_KERNEL_BACKEND for this engine."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = _parse_dtype(dtype, device)
+        dtype = parse_dtype(dtype, device)
         if kernel_backend is not None and kernel_backend not in BACKENDS:
             raise InputError(f"kernel_backend {kernel_backend!r} is not one of {', '.join(BACKENDS)}")
         config = load_config(checkpoint_dir)  # cheap checks first: fail before loading any weight
@@ -106,7 +135,7 @@ class Engine:
         timings = Timings()
         prompt = self.prepare(messages, prompt_token_ids, images)
         ids = list(self._tokens(prompt, sampling, timings))
-        finished = ids[-1] in self._stop_ids(sampling)
+        finished = ids[-1] in self.stop_ids(sampling)
         text_ids = ids[:-1] if finished else ids
         return GenerateOutput(self.tokenizer.decode(text_ids), ids, "stop" if finished else "length", timings)
 
@@ -114,7 +143,7 @@ class Engine:
                prompt_token_ids: list[int] | None = None, images: list | None = None) -> Iterator[str]:
         """Yield the reply's text piece by piece as tokens are decoded (never half a UTF-8 character)."""
         prompt = self.prepare(messages, prompt_token_ids, images)
-        stop_ids = self._stop_ids(sampling)
+        stop_ids = self.stop_ids(sampling)
         detok = IncrementalDetokenizer(self.tokenizer, prompt.token_ids)
         for token in self._tokens(prompt, sampling, Timings()):
             if token in stop_ids:
@@ -135,9 +164,9 @@ class Engine:
             if images is not None:
                 raise InputError("images go inside messages as {'type': 'image', 'image': ...} parts")
             images = extract_images(messages)
-        start = self._now()
+        start = self.now()
         inputs = preprocess_images(images, self.image_config, self.device, self.dtype) if images else None
-        preprocess_s = self._now() - start
+        preprocess_s = self.now() - start
         per_image = inputs.tokens_per_image if inputs else []
         if messages is not None:
             ids = build_prompt_ids(self.tokenizer, messages, per_image)
@@ -149,67 +178,88 @@ class Engine:
 
     def prompt_logits(self, prompt: Prompt) -> torch.Tensor:
         """Logits [len(prompt), vocab] (float32) at every prompt position, from one prefill pass."""
-        self._check_fits(len(prompt.token_ids), 0)
+        self.check_fits(len(prompt.token_ids), len(prompt.token_ids))
         seq = Sequence(self.pool)
         try:
             with torch.inference_mode():
-                return self._prefill(seq, prompt, Timings(), last_only=False)
+                vision = self.encode_images(prompt.images) if prompt.images else None
+                ids = torch.tensor(prompt.token_ids, device=self.device)
+                return self.prefill(seq, ids, prompt.positions, vision, logits="all")
         finally:
             seq.release()
+
+    # ---- building blocks (also used by tandem.runtime.pipeline) ------------------------------------------------
+    def encode_images(self, images: ImageInputs) -> VisionFeatures:
+        """The vision tower's output for preprocessed images: what replaces their pad tokens, and DeepStack's."""
+        grids = [tuple(g) for g in images.grid_thw.tolist()]
+        with torch.inference_mode(), use_backend(self.kernel_backend):
+            embeds, deepstack = self.model.visual(images.pixel_values, grids)
+        return VisionFeatures(embeds, deepstack, grids, images.merge_size)
+
+    def prefill(self, seq: Sequence, ids: torch.Tensor, positions: torch.Tensor,
+                vision: VisionFeatures | None = None, logits: str | None = "last") -> torch.Tensor | None:
+        """Append ids [n] (on the device) to `seq` in one forward pass: a whole prompt, or a suffix on top of a
+        prefix that `seq` forked. `vision` fills the image pads among ids, in order. logits: "last" -> [1, vocab],
+        "all" -> [n, vocab], None -> nothing (a prefix that only later suffixes read)."""
+        visual = None
+        image_embeds = None
+        if vision is not None:
+            image_embeds = vision.embeds
+            visual = VisualTokens(ids == self.model.config.image_token_id, vision.deepstack)
+            self.stats.image_prefills += 1
+        self.stats.prefill_tokens += len(ids)
+        with torch.inference_mode():
+            hidden = self._forward(seq, ids, positions, image_embeds, visual)
+            if logits is None:
+                return None
+            return self.model.logits(hidden[-1:] if logits == "last" else hidden)
+
+    def decode(self, seq: Sequence, logits: torch.Tensor, params: SamplingParams, rope_delta: int,
+               timings: Timings, key_mass: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+        """Sample from the prefill's last logits, then feed each token back, until a stop id or params.max_tokens.
+        Yields every token as a device tensor [1]. With key_mass [1, >= final length] float32, every step adds
+        the attention each cached key receives (summed over heads and layers)."""
+        stop_ids = self.stop_ids(params)
+        generator = self._generator if params.seed is None else torch.Generator(self.device).manual_seed(params.seed)
+        start = self.now()
+        with torch.inference_mode():
+            token = sample(logits, params, generator)
+            for count in range(1, params.max_tokens + 1):
+                timings.output_tokens = count
+                yield token
+                if count == params.max_tokens or int(token) in stop_ids:
+                    break
+                position = torch.full((3, 1), seq.length + rope_delta, device=self.device)
+                hidden = self._forward(seq, token, position, key_mass=key_mass)
+                token = sample(self.model.logits(hidden), params, generator)
+                timings.decode_s = self.now() - start
+                self.stats.decode_steps += 1
 
     # ---- internals ---------------------------------------------------------------------------------------------
     def _tokens(self, prompt: Prompt, sampling: SamplingParams | None, timings: Timings) -> Iterator[int]:
         """Encode images, prefill, then decode token by token until a stop id or max_tokens. Pages are released
         when the generator ends, however it ends."""
         params = (sampling or SamplingParams()).resolve(self.sampling_defaults)
-        stop_ids = self._stop_ids(params)
-        self._check_fits(len(prompt.token_ids), params.max_tokens)
-        generator = self._generator if params.seed is None else torch.Generator(self.device).manual_seed(params.seed)
+        self.check_fits(len(prompt.token_ids) + params.max_tokens, len(prompt.token_ids) + params.max_tokens)
         seq = Sequence(self.pool)
         timings.prompt_tokens = len(prompt.token_ids)
         try:
-            with torch.inference_mode():
-                token = int(sample(self._prefill(seq, prompt, timings, last_only=True), params, generator))
-                count = 1
-                timings.output_tokens = 1
-                yield token
-                decode_start = self._now()
-                while token not in stop_ids and count < params.max_tokens:
-                    position = torch.full((3, 1), seq.length + prompt.rope_delta, device=self.device)
-                    hidden = self._forward(seq, torch.tensor([token], device=self.device), position)
-                    token = int(sample(self.model.logits(hidden), params, generator))
-                    count += 1
-                    timings.output_tokens = count
-                    timings.decode_s = self._now() - decode_start
-                    yield token
+            start = self.now()
+            vision = self.encode_images(prompt.images) if prompt.images else None
+            prefill_start = self.now()
+            timings.vision_s = prompt.preprocess_s + prefill_start - start
+            timings.image_tokens = sum(vision.tokens_per_image) if vision else 0
+            ids = torch.tensor(prompt.token_ids, device=self.device)
+            logits = self.prefill(seq, ids, prompt.positions, vision)
+            timings.prefill_s = self.now() - prefill_start
+            for token in self.decode(seq, logits, params, prompt.rope_delta, timings):
+                yield int(token)
         finally:
             seq.release()
 
-    def _prefill(self, seq: Sequence, prompt: Prompt, timings: Timings, last_only: bool) -> torch.Tensor:
-        """Encode the prompt's images (vision_s) and run the whole prompt through the decoder (prefill_s)
-        -> logits of the last position [1, vocab] or of every position [T, vocab]."""
-        start = self._now()
-        image_embeds, visual = self._encode_images(prompt)
-        vision_end = self._now()
-        timings.vision_s = prompt.preprocess_s + vision_end - start
-        timings.image_tokens = int(visual.mask.sum()) if visual else 0
-        ids = torch.tensor(prompt.token_ids, device=self.device)
-        hidden = self._forward(seq, ids, prompt.positions, image_embeds, visual)
-        logits = self.model.logits(hidden[-1:] if last_only else hidden)
-        timings.prefill_s = self._now() - vision_end
-        return logits
-
-    def _encode_images(self, prompt: Prompt) -> tuple[torch.Tensor | None, VisualTokens | None]:
-        if prompt.images is None:
-            return None, None
-        grids = [tuple(g) for g in prompt.images.grid_thw.tolist()]
-        with use_backend(self.kernel_backend):
-            image_embeds, deepstack = self.model.visual(prompt.images.pixel_values, grids)
-        mask = torch.tensor(prompt.token_ids, device=self.device) == self.model.config.image_token_id
-        return image_embeds, VisualTokens(mask, deepstack)
-
     def _forward(self, seq: Sequence, ids: torch.Tensor, positions: torch.Tensor,
-                 image_embeds: torch.Tensor | None = None, visual: VisualTokens | None = None) -> torch.Tensor:
+                 image_embeds: torch.Tensor | None = None, visual: VisualTokens | None = None,
+                 key_mass: torch.Tensor | None = None) -> torch.Tensor:
         """Run new tokens of one sequence through the decoder, appending their K/V to its pages."""
         slots = seq.append_slots(len(ids)).to(self.device)
         meta = AttentionMetadata(
@@ -218,12 +268,15 @@ class Engine:
             seq_lens=torch.tensor([seq.length], dtype=torch.int32, device=self.device),
             cu_query_lens=torch.tensor([0, len(ids)], dtype=torch.int32, device=self.device),
             max_query_len=len(ids),
+            key_mass=key_mass,
         )
         with use_backend(self.kernel_backend):
             x = self.model.embed(ids, image_embeds)
             return self.model.language_model(x, positions, self.pool.kv, meta, visual)
 
-    def _stop_ids(self, sampling: SamplingParams | None) -> frozenset[int]:
+    def stop_ids(self, sampling: SamplingParams | None) -> frozenset[int]:
+        """The ids that end generation under these params: the checkpoint's eos ids (unless ignore_eos) and
+        the params' stop_token_ids."""
         params = sampling or SamplingParams()
         return frozenset(() if params.ignore_eos else self.eos_ids) | frozenset(params.stop_token_ids)
 
@@ -236,26 +289,25 @@ class Engine:
                 raise InputError(f"prompt_token_ids[{i}] = {t!r} is not a token id in [0, {vocab})")
         return list(ids)
 
-    def _check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
-        """Refuse, before any work, a request whose prompt + max_tokens the cache or the model cannot hold."""
-        needed = prompt_tokens + max_tokens
+    def check_fits(self, total: int, new: int) -> None:
+        """Refuse, before any work, a sequence that would reach `total` tokens (prompt + max_tokens) with `new` of
+        them needing fresh cache pages: beyond the model's context or the cache's free pages."""
         limit = self.model.config.text.max_position_embeddings
-        if needed > limit:
-            raise InputError(f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the model's "
-                             f"context of {limit} tokens")
+        if total > limit:
+            raise InputError(f"prompt + max_tokens = {total} tokens exceeds the model's context of {limit} tokens")
         free = self.pool.free_pages * self.pool.page_size
-        if needed > free:
-            raise InputError(f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) = {needed} tokens exceeds "
-                             f"the KV cache's {free} free tokens (capacity {self.pool.capacity_tokens}; "
-                             "raise kv_cache_tokens or lower max_tokens)")
+        if new > free:
+            raise InputError(f"prompt + max_tokens needs {new} tokens of KV cache, more than the {free} free "
+                             f"(capacity {self.pool.capacity_tokens}; raise kv_cache_tokens or lower max_tokens)")
 
-    def _now(self) -> float:
+    def now(self) -> float:
+        """A clock reading after the device has finished its queued work: phase timings mean device time."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
 
-def _parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():

@@ -63,14 +63,14 @@ def test_default_sampling_comes_from_generation_config(engine):
 
 def test_too_long_for_the_model_context_is_refused_before_any_work(engine, messages):
     limit = engine.model.config.text.max_position_embeddings
-    with pytest.raises(InputError, match=rf"exceeds the model's context of {limit} tokens"):
+    with pytest.raises(InputError, match=rf"= {limit + 86} tokens exceeds the model's context of {limit} tokens"):
         engine.generate(messages, SamplingParams(max_tokens=limit, temperature=0.0))
     assert engine.pool.pages_in_use == 0
 
 
 def test_too_long_for_the_cache_is_refused_before_any_work(tiny_2b, messages):
     small = Engine.from_pretrained(tiny_2b, device="cpu", dtype="float32", kv_cache_tokens=128)
-    with pytest.raises(InputError, match=r"exceeds the KV cache's 128 free tokens"):
+    with pytest.raises(InputError, match=r"needs 286 tokens of KV cache, more than the 128 free"):
         small.generate(messages, SamplingParams(max_tokens=200, temperature=0.0))
     assert small.pool.pages_in_use == 0
     assert len(small.generate([{"role": "user", "content": "hi"}], GREEDY).token_ids) == 12
@@ -79,7 +79,7 @@ def test_too_long_for_the_cache_is_refused_before_any_work(tiny_2b, messages):
 def test_pages_held_elsewhere_shrink_what_a_request_may_use(engine):
     hog = engine.pool.allocate(engine.pool.free_pages - 2)  # another holder keeps all but two pages
     try:
-        with pytest.raises(InputError, match=r"exceeds the KV cache's 32 free tokens"):
+        with pytest.raises(InputError, match=r"more than the 32 free"):
             engine.prompt_logits(engine.prepare([{"role": "user", "content": "x " * 40}]))
     finally:
         engine.pool.release(hog)
