@@ -68,7 +68,7 @@ class Stage:
     output_ids: list[int]
     text: str
     answer: str
-    kept_tokens: int | None = None  # transfer: reasoning tokens handed over, of...
+    kept_indices: list[int] | None = None  # transfer: which reasoning tokens were handed over, of...
     reasoning_tokens: int | None = None  # ...this many
     vision_s: float = 0.0
     prefill_s: float = 0.0
@@ -77,7 +77,7 @@ class Stage:
 
     @property
     def kept_fraction(self) -> float | None:
-        return None if self.kept_tokens is None else self.kept_tokens / max(self.reasoning_tokens, 1)
+        return None if self.kept_indices is None else len(self.kept_indices) / max(self.reasoning_tokens, 1)
 
 
 @dataclass
@@ -200,7 +200,7 @@ class Tandem:
                   delta: float) -> Stage:
         """The large model answers with the small model's (kept) reasoning ids spliced into its instruction."""
         _, ids, scores = reasoning
-        keep = torch.ones_like(ids, dtype=torch.bool) if scores is None else select_key_tokens(scores, delta)
+        keep = torch.arange(len(ids), device=ids.device) if scores is None else select_key_tokens(scores, delta)
         before, after = self.prompts.transfer.split("{reasoning}")
         head = self._suffix_ids(request, "large", "\n" + before, close=False)
         tail = self._suffix_ids(request, "large", after)
@@ -208,7 +208,7 @@ class Tandem:
         suffix, positions = gather_tokens(ids, keep, head, tail, prefix.seq.length + prefix.rope_delta)
         stage, _, _ = self._stage(request, "large", "transfer", suffix, self.budget.short_tokens,
                                   positions=positions.expand(3, -1))
-        stage.kept_tokens = len(suffix) - len(head) - len(tail)
+        stage.kept_indices = keep.tolist()
         stage.reasoning_tokens = len(ids)
         return stage
 
