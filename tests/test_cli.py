@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
+import json
+
 from PIL import Image
 
 from tandem.runtime.cli import main
@@ -20,16 +20,35 @@ def test_generate_prints_text_and_timings(tiny_2b, tmp_path, capsys):
     assert "[length] vision" in out and "for 5 tokens" in out and "(cpu, float32)" in out
 
 
-def test_demo_builds_the_tiny_model_once_and_says_it_is_random(tmp_path, monkeypatch, capsys):
+def test_demo_runs_the_pair_on_tiny_models_built_once_and_says_they_are_random(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert main(["demo", "--max-tokens", "4"]) == 0
+    assert main(["demo", "--reason-tokens", "8", "--short-tokens", "4"]) == 0
     out = capsys.readouterr().out
-    assert "weights are random" in out and "demo.png" in out and "for 4 tokens" in out
-    built = list((tmp_path / "tandem").iterdir())
-    assert len(built) == 1
-    mtime = (built[0] / "config.json").stat().st_mtime_ns
-    assert main(["demo", "--max-tokens", "2"]) == 0
-    assert (built[0] / "config.json").stat().st_mtime_ns == mtime
+    assert "weights are random" in out and "demo.png" in out and "policy: verify" in out
+    assert " 1 large  answer" in out and " 2 small  reason" in out
+    built = sorted(p.name for p in (tmp_path / "tandem").iterdir())
+    assert built == ["tiny-2b-like-1", "tiny-8b-like-1"]
+    mtime = (tmp_path / "tandem" / built[0] / "config.json").stat().st_mtime_ns
+    assert main(["demo", "--policy", "small", "--short-tokens", "2"]) == 0
+    assert (tmp_path / "tandem" / built[0] / "config.json").stat().st_mtime_ns == mtime
+
+
+def test_demo_with_a_model_runs_generate(tiny_2b, capsys):
+    assert main(["demo", "--model", str(tiny_2b), "--max-tokens", "3"]) == 0
+    assert "for 3 tokens" in capsys.readouterr().out
+
+
+def test_ask_prints_the_stage_table_or_json(tiny_8b, tiny_2b, tmp_path, capsys):
+    image = tmp_path / "chart.png"
+    Image.fromarray(random_image(220, 300, seed=3)).save(image)
+    common = ["ask", "--large", str(tiny_8b), "--small", str(tiny_2b), "--image", str(image), "--reason-tokens", "8",
+              "--short-tokens", "4", "Which year had the highest sales?"]
+    assert main(common + ["--policy", "transfer", "--keep", "attention"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("answer: ") and " 2 large  transfer" in out
+    assert main(common + ["--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["policy"] == "verify" and [s["role"] for s in data["stages"]][:2] == ["answer", "reason"]
 
 
 def test_errors_are_one_line_and_exit_2(tiny_2b, tmp_path, capsys):
