@@ -130,7 +130,6 @@ class Tandem:
         self.budget = budget
         self.vision_cache = VisionCache(vision_cache_bytes)
         self._towers = {name: tower_fingerprint(e.model.visual) for name, e in self.engines.items()}
-        self.tokenizer = large.tokenizer
 
     @classmethod
     def from_pretrained(cls, large: str | Path, small: str | Path, device: str | torch.device | None = None,
@@ -173,14 +172,14 @@ class Tandem:
             stage = self._short(request, policy)
             return TandemResult(stage.answer, policy, [stage])
         if policy in ("small-reason", "large-reason"):
-            stage, _, _ = self._reason(request, policy.removesuffix("-reason"), keep)
+            stage, _, _ = self._reason(request, policy.removesuffix("-reason"), scored=False)
             return TandemResult(stage.answer, policy, [stage])
         if policy == "transfer":
-            reasoning = self._reason(request, "small", keep)
+            reasoning = self._reason(request, "small", scored=keep == "attention")
             transfer = self._transfer(request, reasoning, delta)
             return TandemResult(transfer.answer, policy, [reasoning[0], transfer])
         short = self._short(request, "large")
-        reasoning = self._reason(request, "small", keep)
+        reasoning = self._reason(request, "small", scored=keep == "attention")
         if answers_agree(short.text, reasoning[0].text):
             return TandemResult(short.answer, policy, [short, reasoning[0]], agreed=True)
         transfer = self._transfer(request, reasoning, delta)
@@ -191,10 +190,11 @@ class Tandem:
         stage, _, _ = self._stage(request, model, "answer", suffix, self.budget.short_tokens)
         return stage
 
-    def _reason(self, request: _Request, model: str, keep: str) -> tuple[Stage, torch.Tensor, torch.Tensor | None]:
-        """A reasoning stage -> (stage, its output ids on the device without the stop token, their key scores)."""
+    def _reason(self, request: _Request, model: str, scored: bool) -> tuple[Stage, torch.Tensor, torch.Tensor | None]:
+        """A reasoning stage -> (stage, its output ids on the device without the stop token, and when `scored` the
+        attention each of them received, for key-token selection)."""
         suffix = self._suffix_ids(request, model, "\n" + self.prompts.reason)
-        return self._stage(request, model, "reason", suffix, self.budget.reason_tokens, key_mass=keep == "attention")
+        return self._stage(request, model, "reason", suffix, self.budget.reason_tokens, key_mass=scored)
 
     def _transfer(self, request: _Request, reasoning: tuple[Stage, torch.Tensor, torch.Tensor | None],
                   delta: float) -> Stage:
@@ -323,9 +323,8 @@ def _shared_kv_tokens(checkpoints: list, device: torch.device, dtype) -> int:
         return CPU_KV_TOKENS
     dtype = parse_dtype(dtype, device)
     free, _ = torch.cuda.mem_get_info(device)
-    free -= sum(weight_bytes(c, dtype) for c in checkpoints)
+    weights = sum(weight_bytes(c, dtype) for c in checkpoints)
+    if weights >= free:
+        raise InputError(f"the two models' weights need {weights} bytes, more than the {free} free on {device}")
     per_token = sum(PagePool.bytes_per_token(load_config(c).text, dtype) for c in checkpoints)
-    if free <= 0:
-        raise InputError(f"the two models' weights alone need more than the {torch.cuda.mem_get_info(device)[0]} "
-                         "free bytes of device memory")
-    return int(free * 0.85) // per_token
+    return int((free - weights) * 0.85) // per_token
