@@ -25,6 +25,9 @@ INDEX_FILE = "model.safetensors.index.json"
 PROGRESS_BAR_BYTES = 1 << 30
 
 
+IN_MEMORY = Path("<state dict>")  # the "file" of tensors handed over in memory, as error messages name it
+
+
 @dataclass(frozen=True)
 class Source:
     """One checkpoint tensor that fills rows [offset, offset + rows) of a model parameter."""
@@ -35,19 +38,52 @@ class Source:
     shape: tuple[int, ...]
 
 
+class _Reader:
+    """Reads checkpoint tensors: from safetensors files (kept open), or from an in-memory state dict."""
+
+    def __init__(self, device: torch.device, state_dict: dict[str, torch.Tensor] | None = None):
+        self.device = device
+        self.state_dict = state_dict
+        self.handles: dict[Path, object] = {}
+
+    def read(self, name: str, file: Path) -> torch.Tensor:
+        if file == IN_MEMORY:
+            return self.state_dict[name].to(self.device)
+        try:
+            if file not in self.handles:
+                self.handles[file] = safe_open(file, framework="pt", device=str(self.device))
+            return self.handles[file].get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"{file}: could not read tensor {name} ({e})") from e
+
+
 def load_model(checkpoint_dir: str | Path, device: torch.device | str, dtype: torch.dtype,
                config: ModelConfig | None = None) -> Qwen3VL:
     """The checkpoint's model, every weight on `device` in `dtype`. `config` saves re-reading config.json."""
     checkpoint_dir = Path(checkpoint_dir)
     config = config or load_config(checkpoint_dir)
+    headers = _read_headers(_weight_files(checkpoint_dir))
+    return _build(config, headers, _Reader(torch.device(device)), dtype)
+
+
+def load_model_from_state_dict(config: ModelConfig, state_dict: dict[str, torch.Tensor],
+                               device: torch.device | str, dtype: torch.dtype) -> Qwen3VL:
+    """The same model from tensors already in memory and named as in a checkpoint (a transformers
+    Qwen3VLForConditionalGeneration's state_dict()), checked the same way: benchmarks and tests compare the two
+    implementations on identical weights without writing gigabytes of files."""
+    headers = {name: (IN_MEMORY, tuple(t.shape), _dtype(str(t.dtype), IN_MEMORY, name)) for name, t in state_dict.items()}
+    return _build(config, headers, _Reader(torch.device(device), state_dict), dtype)
+
+
+def _build(config: ModelConfig, headers: dict, reader: _Reader, dtype: torch.dtype) -> Qwen3VL:
     with torch.device("meta"):
         model = Qwen3VL(config)
-    headers = _read_headers(_weight_files(checkpoint_dir))
     plan = _plan(model, headers)
-    _load(model, plan, torch.device(device), dtype)
+    _load(model, plan, reader, dtype)
     if config.tie_word_embeddings and "lm_head.weight" in headers:
-        _check_tied_copy(model, headers["lm_head.weight"], device, dtype)
-    return model.to(device).eval().requires_grad_(False)
+        path = headers["lm_head.weight"][0]
+        _check_tied_copy(model, reader.read("lm_head.weight", path).to(dtype), path)
+    return model.to(reader.device).eval().requires_grad_(False)
 
 
 def weight_bytes(checkpoint_dir: str | Path, dtype: torch.dtype) -> int:
@@ -93,7 +129,9 @@ def _read_headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...], t
 
 
 def _dtype(name: str, path: Path, tensor: str) -> torch.dtype:
+    """A float dtype from its safetensors name (F32...) or torch name (torch.float32...)."""
     dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+    dtypes |= {str(d): d for d in dtypes.values()}
     if name not in dtypes:
         raise CheckpointError(f"{path}: tensor {tensor} has dtype {name}; only float weights are supported")
     return dtypes[name]
@@ -139,39 +177,21 @@ def _plan(model: Qwen3VL, headers: dict) -> dict[str, list[Source]]:
     return plan
 
 
-def _load(model: Qwen3VL, plan: dict[str, list[Source]], device: torch.device, dtype: torch.dtype) -> None:
+def _load(model: Qwen3VL, plan: dict[str, list[Source]], reader: _Reader, dtype: torch.dtype) -> None:
     total = sum(math.prod(s.shape) for sources in plan.values() for s in sources) * dtype.itemsize
-    handles: dict[Path, object] = {}
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=total < PROGRESS_BAR_BYTES)
-    try:
+    with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=total < PROGRESS_BAR_BYTES) as bar:
         for param_name, sources in plan.items():
             module_name, _, leaf = param_name.rpartition(".")
             module = model.get_submodule(module_name)
-            shape = module._parameters[leaf].shape
-            tensor = torch.empty(shape, dtype=dtype, device=device)
+            tensor = torch.empty(module._parameters[leaf].shape, dtype=dtype, device=reader.device)
             for s in sources:
-                tensor[s.offset : s.offset + s.shape[0]] = _read(handles, s, device)
+                tensor[s.offset : s.offset + s.shape[0]] = reader.read(s.name, s.file)
                 bar.update(math.prod(s.shape) * dtype.itemsize)
             module._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
-    finally:
-        bar.close()
 
 
-def _read(handles: dict, s: Source, device: torch.device) -> torch.Tensor:
-    try:
-        if s.file not in handles:
-            handles[s.file] = safe_open(s.file, framework="pt", device=str(device))
-        return handles[s.file].get_tensor(s.name)
-    except Exception as e:
-        raise CheckpointError(f"{s.file}: could not read tensor {s.name} ({e})") from e
-
-
-def _check_tied_copy(model: Qwen3VL, header: tuple, device, dtype: torch.dtype) -> None:
-    path = header[0]
-    lm_head = _read({}, Source("lm_head.weight", path, 0, header[1]), torch.device(device)).to(dtype)
+def _check_tied_copy(model: Qwen3VL, lm_head: torch.Tensor, path: Path) -> None:
     if lm_head.shape != model.lm_head_weight.shape or not torch.equal(lm_head, model.lm_head_weight):
         raise CheckpointError(
             f"{path}: tensor lm_head.weight differs from the embedding, but config.json says tie_word_embeddings=true"
         )
-
-

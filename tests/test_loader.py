@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from transformers import Qwen3VLForConditionalGeneration
 
 from tandem.models.errors import CheckpointError
-from tandem.models.loader import load_model
+from tandem.models.config import load_config
+from tandem.models.loader import load_model, load_model_from_state_dict
 from tandem.models.tiny import build_random_checkpoint
 
 
@@ -214,5 +215,20 @@ def test_tied_checkpoint_with_different_lm_head(checkpoint):
     state = tensors(checkpoint)
     state["lm_head.weight"] = state["model.language_model.embed_tokens.weight"] + 1
     rewrite(checkpoint, state)
-    with pytest.raises(CheckpointError, match=r"lm_head\.weight differs from the embedding.*tie_word_embeddings=true"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor lm_head\.weight differs from the embedding.*tie_word_embeddings=true"):
         load_model(checkpoint, "cpu", torch.float32)
+
+
+def test_state_dict_of_transformers_model_loads_like_the_checkpoint(tiny_8b):
+    reference = Qwen3VLForConditionalGeneration.from_pretrained(tiny_8b, dtype=torch.float32)
+    from_memory = load_model_from_state_dict(load_config(tiny_8b), reference.state_dict(), "cpu", torch.float32)
+    from_files = load_model(tiny_8b, "cpu", torch.float32)
+    for (name, a), (_, b) in zip(from_memory.named_parameters(), from_files.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_state_dict_errors_name_the_tensor(tiny_2b):
+    state = tensors(tiny_2b)
+    state["model.visual.pos_embed.weight"] = state["model.visual.pos_embed.weight"][:-1]
+    with pytest.raises(CheckpointError, match=r"<state dict>: tensor model\.visual\.pos_embed\.weight has shape"):
+        load_model_from_state_dict(load_config(tiny_2b), state, "cpu", torch.float32)
