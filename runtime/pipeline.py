@@ -51,11 +51,13 @@ class Prompts:
 
 @dataclass(frozen=True)
 class Budget:
-    """Output tokens per stage kind, and the sampling every stage uses (greedy by default, for reproducibility)."""
+    """Output tokens per stage kind, and the sampling every stage uses (greedy by default, for reproducibility).
+    ignore_eos forces every stage to its full length (latency studies)."""
 
     short_tokens: int = 16
     reason_tokens: int = 512
     temperature: float = 0.0
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -220,8 +222,8 @@ class Tandem:
         stop token, the attention each output token received from later steps when key_mass)."""
         engine = self.engines[model]
         prefix = self._prefix(request, model)
-        params = SamplingParams(max_tokens=max_tokens, temperature=self.budget.temperature).resolve(
-            engine.sampling_defaults)
+        params = SamplingParams(max_tokens=max_tokens, temperature=self.budget.temperature,
+                                ignore_eos=self.budget.ignore_eos).resolve(engine.sampling_defaults)
         # The fork may copy the prefix's partly filled last page before writing: one page more.
         engine.check_fits(prefix.seq.length + len(suffix) + max_tokens, len(suffix) + max_tokens + engine.pool.page_size)
         seq = prefix.seq.fork()
