@@ -17,6 +17,7 @@ from tandem.models.loader import load_model
 from tandem.models.positions import mrope_positions
 from tandem.models.qwen3_vl import Qwen3VL, VisualTokens
 from tandem.models.tokenizer import IncrementalDetokenizer, Tokenizer, build_prompt_ids, expand_image_pads, extract_images
+from tandem.runtime.decode import DecodeRunner
 from tandem.runtime.kv_cache import PagePool, Sequence
 from tandem.runtime.sampling import SamplingParams, checkpoint_defaults, sample
 
@@ -91,7 +92,8 @@ class Prompt:
 
 class Engine:
     def __init__(self, model: Qwen3VL, tokenizer: Tokenizer, image_config: ImageProcessorConfig, pool: PagePool,
-                 sampling_defaults: SamplingParams, eos_ids: tuple[int, ...], kernel_backend: str | None = None):
+                 sampling_defaults: SamplingParams, eos_ids: tuple[int, ...], kernel_backend: str | None = None,
+                 cuda_graphs: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.image_config = image_config
@@ -102,6 +104,10 @@ class Engine:
         self.device = model.lm_head_weight.device
         self.dtype = model.lm_head_weight.dtype
         self.stats = EngineStats()
+        self.decoder = DecodeRunner(model, pool, kernel_backend, cuda_graphs)
+        # Reading the stop flag costs a device sync on CUDA: poll every few tokens there. On the CPU it is free,
+        # and polling every token wastes no steps past a stop.
+        self.poll_every = 8 if self.device.type == "cuda" else 1
         self._generator = torch.Generator(self.device)
         self._generator.seed()
 
@@ -109,10 +115,12 @@ class Engine:
     def from_pretrained(
         cls, checkpoint_dir: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
         kv_cache_tokens: int | None = None, page_size: int = DEFAULT_PAGE_SIZE, kernel_backend: str | None = None,
+        cuda_graphs: bool = True,
     ) -> "Engine":
         """Load a Qwen3-VL checkpoint folder. device/dtype default to cuda + bfloat16 when available, else cpu + float32.
         kv_cache_tokens sizes the KV page pool; by default from free device memory (CUDA) or CPU_KV_TOKENS.
-        kernel_backend ("torch", "triton" or "auto") overrides TANDEM_KERNEL_BACKEND for this engine."""
+        kernel_backend ("torch", "triton" or "auto") overrides TANDEM_KERNEL_BACKEND for this engine; cuda_graphs
+        replays each decode step as a CUDA graph where the kernels allow it (CUDA + Triton)."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = parse_dtype(dtype, device)
         if kernel_backend is not None and kernel_backend not in BACKENDS:
@@ -126,7 +134,7 @@ class Engine:
         if kv_cache_tokens is None:
             kv_cache_tokens = _default_kv_tokens(device, PagePool.bytes_per_token(text, dtype), text.max_position_embeddings)
         pool = PagePool(text, -(-kv_cache_tokens // page_size), page_size, device, dtype)
-        return cls(model, tokenizer, image_config, pool, defaults, eos_ids, kernel_backend)
+        return cls(model, tokenizer, image_config, pool, defaults, eos_ids, kernel_backend, cuda_graphs)
 
     # ---- public API --------------------------------------------------------------------------------------------
     def generate(self, messages: list[dict] | None = None, sampling: SamplingParams | None = None, *,
@@ -217,23 +225,44 @@ class Engine:
     def decode(self, seq: Sequence, logits: torch.Tensor, params: SamplingParams, rope_delta: int,
                timings: Timings, key_mass: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
         """Sample from the prefill's last logits, then feed each token back, until a stop id or params.max_tokens.
-        Yields every token as a device tensor [1]. With key_mass [1, >= final length] float32, every step adds
-        the attention each cached key receives (summed over heads and layers)."""
-        stop_ids = self.stop_ids(params)
+        Yields the tokens as device tensors, a few at a time: the stop check runs on the device and the host reads
+        it every `poll_every` tokens (a token past a stop is computed but never yielded). With key_mass
+        [1, >= final length] float32, every step adds the attention each cached key receives (summed over heads
+        and layers); it then polls every token, so that no step past the stop adds to it."""
+        stops = torch.tensor(sorted(self.stop_ids(params)), dtype=torch.long, device=self.device)
+        poll = 1 if key_mass is not None else self.poll_every
         generator = self._generator if params.seed is None else torch.Generator(self.device).manual_seed(params.seed)
+        out = torch.empty(params.max_tokens, dtype=torch.long, device=self.device)
+        stopped = torch.zeros(1, dtype=torch.bool, device=self.device)
         start = self.now()
-        with torch.inference_mode():
-            token = sample(logits, params, generator)
-            for count in range(1, params.max_tokens + 1):
-                timings.output_tokens = count
-                yield token
-                if count == params.max_tokens or int(token) in stop_ids:
-                    break
-                position = torch.full((3, 1), seq.length + rope_delta, device=self.device)
-                hidden = self._forward(seq, token, position, key_mass=key_mass)
-                token = sample(self.model.logits(hidden), params, generator)
-                timings.decode_s = self.now() - start
-                self.stats.decode_steps += 1
+        self.decoder.begin(seq, rope_delta, params.max_tokens - 1, key_mass)
+        try:
+            with torch.inference_mode():
+                token = sample(logits, params, generator)
+                for count in range(1, params.max_tokens + 1):
+                    out[count - 1 : count] = token
+                    stopped |= torch.isin(token, stops)
+                    if count == params.max_tokens or count % poll == 0:
+                        chunk, done = self._poll(out, count, timings, stopped, stops)
+                        timings.decode_s = self.now() - start
+                        yield chunk
+                        if done or count == params.max_tokens:
+                            return
+                    token = sample(self.decoder.step(token), params, generator)
+                    self.stats.decode_steps += 1
+        finally:
+            self.decoder.end()
+
+    def _poll(self, out: torch.Tensor, count: int, timings: Timings, stopped: torch.Tensor,
+              stops: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """(the tokens sampled since the last poll, cut after the first stop token; whether one came). The one
+        host read of the device state per poll."""
+        emitted = timings.output_tokens
+        done = bool(stopped)
+        if done:
+            count = emitted + int(torch.isin(out[emitted:count], stops).int().argmax()) + 1
+        timings.output_tokens = count
+        return out[emitted:count], done
 
     # ---- internals ---------------------------------------------------------------------------------------------
     def _tokens(self, prompt: Prompt, sampling: SamplingParams | None, timings: Timings) -> Iterator[int]:
@@ -252,14 +281,13 @@ class Engine:
             ids = torch.tensor(prompt.token_ids, device=self.device)
             logits = self.prefill(seq, ids, prompt.positions, vision)
             timings.prefill_s = self.now() - prefill_start
-            for token in self.decode(seq, logits, params, prompt.rope_delta, timings):
-                yield int(token)
+            for chunk in self.decode(seq, logits, params, prompt.rope_delta, timings):
+                yield from chunk.tolist()
         finally:
             seq.release()
 
     def _forward(self, seq: Sequence, ids: torch.Tensor, positions: torch.Tensor,
-                 image_embeds: torch.Tensor | None = None, visual: VisualTokens | None = None,
-                 key_mass: torch.Tensor | None = None) -> torch.Tensor:
+                 image_embeds: torch.Tensor | None = None, visual: VisualTokens | None = None) -> torch.Tensor:
         """Run new tokens of one sequence through the decoder, appending their K/V to its pages."""
         slots = seq.append_slots(len(ids)).to(self.device)
         meta = AttentionMetadata(
@@ -268,7 +296,6 @@ class Engine:
             seq_lens=torch.tensor([seq.length], dtype=torch.int32, device=self.device),
             cu_query_lens=torch.tensor([0, len(ids)], dtype=torch.int32, device=self.device),
             max_query_len=len(ids),
-            key_mass=key_mass,
         )
         with use_backend(self.kernel_backend):
             x = self.model.embed(ids, image_embeds)

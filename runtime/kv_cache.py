@@ -80,16 +80,22 @@ class Sequence:
 
     def append_slots(self, n: int) -> torch.Tensor:
         """Make room for n more tokens and return their cache slots [n] (page * page_size + offset)."""
+        self.reserve(n)
+        size = self.pool.page_size
+        index = torch.arange(self.length, self.length + n)
+        slots = torch.tensor(self.pages)[index // size] * size + index % size
+        self.length += n
+        return slots
+
+    def reserve(self, n: int) -> None:
+        """Own pages for n more tokens now (copying a shared last page first), without counting them: a decode
+        loop that computes its slots on the device needs its pages before it starts."""
         size = self.pool.page_size
         if self.length % size and self.pool.is_shared(self.pages[-1]):
             self._copy_last_page()
         needed = -(-(self.length + n) // size) - len(self.pages)
         if needed > 0:
             self.pages += self.pool.allocate(needed)
-        index = torch.arange(self.length, self.length + n)
-        slots = torch.tensor(self.pages)[index // size] * size + index % size
-        self.length += n
-        return slots
 
     def fork(self) -> "Sequence":
         """A continuation sharing every page of this sequence so far."""

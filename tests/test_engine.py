@@ -122,3 +122,20 @@ def test_unsupported_dtype(tiny_2b):
 def test_unknown_kernel_backend(tiny_2b):
     with pytest.raises(InputError, match=r"kernel_backend 'cuda' is not one of auto, torch, triton"):
         Engine.from_pretrained(tiny_2b, device="cpu", kernel_backend="cuda")
+
+
+def test_polling_every_few_tokens_changes_nothing(engine, messages):
+    """The host reads the device's stop flag every poll_every tokens: tokens sampled past a stop are dropped."""
+    free = engine.generate(messages, GREEDY).token_ids
+    sampling = SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=(free[5],))
+    expected = engine.generate(messages, sampling)
+    try:
+        for poll in (2, 4, 5, 16):
+            engine.poll_every = poll
+            out = engine.generate(messages, sampling)
+            assert (out.token_ids, out.finish_reason, out.text) == (expected.token_ids, "stop", expected.text)
+            assert engine.generate(messages, GREEDY).token_ids == free
+            assert "".join(engine.stream(messages, sampling)) == expected.text
+    finally:
+        engine.poll_every = 1
+    assert engine.pool.pages_in_use == 0
