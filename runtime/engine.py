@@ -328,9 +328,10 @@ class Engine:
                              f"(capacity {self.pool.capacity_tokens}; raise kv_cache_tokens or lower max_tokens)")
 
     def now(self) -> float:
-        """A clock reading after the device has finished its queued work: phase timings mean device time."""
+        """A clock reading after the current stream has finished its queued work: phase timings mean device time.
+        Only the current stream, so two engines running on two streams do not wait for each other."""
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            torch.cuda.current_stream(self.device).synchronize()
         return time.perf_counter()
 
 

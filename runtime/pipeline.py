@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -125,9 +126,15 @@ class _Request:
 
 class Tandem:
     def __init__(self, large: Engine, small: Engine, prompts: Prompts = Prompts(), budget: Budget = Budget(),
-                 vision_cache_bytes: int = DEFAULT_VISION_CACHE_BYTES):
+                 vision_cache_bytes: int = DEFAULT_VISION_CACHE_BYTES, overlap: bool | None = None):
+        """overlap: run verify's two first stages at once, each model on its own CUDA stream and host thread
+        (default: on CUDA, when the two engines are distinct objects)."""
         _check_same_tokenizer(large, small)
         self.engines = {"large": large, "small": small}
+        distinct = large is not small
+        if overlap and not distinct:
+            raise InputError("overlap needs two engines: one engine cannot run two stages at once")
+        self.overlap = distinct and large.device.type == "cuda" if overlap is None else overlap
         self.prompts = prompts
         self.budget = budget
         self.vision_cache = VisionCache(vision_cache_bytes)
@@ -180,12 +187,24 @@ class Tandem:
             reasoning = self._reason(request, "small", scored=keep == "attention")
             transfer = self._transfer(request, reasoning, delta)
             return TandemResult(transfer.answer, policy, [reasoning[0], transfer])
-        short = self._short(request, "large")
-        reasoning = self._reason(request, "small", scored=keep == "attention")
+        short, reasoning = self._both(request, lambda: self._short(request, "large"),
+                                      lambda: self._reason(request, "small", scored=keep == "attention"))
         if answers_agree(short.text, reasoning[0].text):
             return TandemResult(short.answer, policy, [short, reasoning[0]], agreed=True)
         transfer = self._transfer(request, reasoning, delta)
         return TandemResult(transfer.answer, policy, [short, reasoning[0], transfer], agreed=False)
+
+    def _both(self, request: _Request, large_stage, small_stage) -> tuple:
+        """Run a large-model stage and a small-model stage, at once when self.overlap. Both prefixes are built
+        first, so the threads share no request state; each thread decodes on its own CUDA stream."""
+        if not self.overlap:
+            return large_stage(), small_stage()
+        self._prefix(request, "large")
+        self._prefix(request, "small")
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            small = pool.submit(_on_own_stream, self.engines["small"].device, small_stage)
+            large = _on_own_stream(self.engines["large"].device, large_stage)
+            return large, small.result()
 
     def _short(self, request: _Request, model: str) -> Stage:
         suffix = self._suffix_ids(request, model, "\n" + self.prompts.short)
@@ -304,6 +323,19 @@ class Tandem:
             head, _, tail = rendered.partition(SPLIT)
             request.chat[model] = (head, tail)
         return request.chat[model]
+
+
+def _on_own_stream(device: torch.device, stage):
+    """Run `stage` on a new CUDA stream that starts after the work already queued (the prefixes), and wait for
+    it: a stream of its own lets the GPU overlap it with the other model's stage."""
+    if device.type != "cuda":
+        return stage()
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        result = stage()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    return result
 
 
 def _check_same_tokenizer(large: Engine, small: Engine) -> None:

@@ -193,3 +193,17 @@ def test_a_pair_with_different_tokenizers_is_refused(tiny_8b, tiny_2b, tmp_path)
     large = Engine.from_pretrained(tiny_8b, device="cpu", kv_cache_tokens=256)
     with pytest.raises(InputError, match="tokenizers differ.*'hello'|tokenizers differ.*'world'"):
         Tandem(large, Engine.from_pretrained(other, device="cpu", kv_cache_tokens=256))
+
+
+def test_overlapped_verify_gives_the_sequential_result(engines, image):
+    """verify's first two stages on two threads (two CUDA streams on a GPU) produce what they do one after the other."""
+    sequential = Tandem(*engines, budget=BUDGET, overlap=False).answer(image, QUESTION, policy="verify", keep="attention")
+    overlapped = Tandem(*engines, budget=BUDGET, overlap=True).answer(image, QUESTION, policy="verify", keep="attention")
+    assert [s.output_ids for s in overlapped.stages] == [s.output_ids for s in sequential.stages]
+    assert overlapped.stages[-1].kept_indices == sequential.stages[-1].kept_indices
+    assert sum(e.pool.pages_in_use for e in engines) == 0
+
+
+def test_overlap_needs_two_engines(engines):
+    with pytest.raises(InputError, match="overlap needs two engines"):
+        Tandem(engines[0], engines[0], overlap=True)
