@@ -79,12 +79,13 @@ def load_config(checkpoint_dir: str | Path) -> ModelConfig:
             f"{path}: unsupported model_type {model_type!r}; Tandem supports {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     try:
-        return _parse(raw)
+        return parse_config(raw)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: malformed Qwen3-VL config ({type(e).__name__}: {e})") from e
 
 
-def _parse(raw: dict[str, Any]) -> ModelConfig:
+def parse_config(raw: dict[str, Any]) -> ModelConfig:
+    """A config.json's contents (or a transformers config's to_dict()) -> ModelConfig; KeyError etc. if malformed."""
     text, vision = raw["text_config"], raw["vision_config"]
     # 8B has its own lm_head; 2B/4B tie it to the embedding. transformers reads the top-level flag.
     tie = raw.get("tie_word_embeddings", text.get("tie_word_embeddings", False))

@@ -143,7 +143,7 @@ PRESETS |= {
     "qwen3-vl-8b": _real_size((4096, 36, 32, 8, 12288), (27, 1152, 16, 4304), [8, 16, 24], tied=False),
 }
 
-# Weight perturbation (see _perturb). Transformers' init (std 0.02, unit norms, zero biases) gives near-uniform
+# Weight perturbation (see perturb_weights). Transformers' init (std 0.02, unit norms, zero biases) gives near-uniform
 # logits whose greedy argmax flips under float noise, and a model whose output ignores the prompt and image.
 _NORM_NOISE = 0.1  # norm weights are 1 + N(0, 0.1): no norm is the identity
 _BIAS_NOISE = 0.1  # biases are N(0, 0.1): none is zero
@@ -208,13 +208,11 @@ def build_random_checkpoint(
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
         torch.manual_seed(seed)
         model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**copy.deepcopy(PRESETS[preset]))).to(dtype)
-        _perturb(model)
+        perturb_weights(model)
     model.save_pretrained(path)
     if config_format == "4.x":
         _rewrite_config_as_4x(path / "config.json")
-    _write_json(path / "generation_config.json", {**GENERATION_CONFIG, "transformers_version": "4.57.0"})
-    _write_json(path / "preprocessor_config.json", PREPROCESSOR_CONFIG)
-    _write_tokenizer_files(path)
+    write_support_files(path)
     return path
 
 
@@ -224,7 +222,7 @@ def _check_preset(preset: str) -> None:
 
 
 @torch.no_grad()
-def _perturb(model: torch.nn.Module) -> None:
+def perturb_weights(model: torch.nn.Module) -> None:
     """Overwrite every parameter so that no norm is the identity, no bias is zero and logits are well separated."""
     tied = model.config.tie_word_embeddings
     # Tied weights are listed once, under the input embedding's name.
@@ -261,6 +259,16 @@ def _rewrite_config_as_4x(config_file: Path) -> None:
     del vision["rope_parameters"]
     vision["model_type"] = "qwen3_vl"  # 4.x named the vision config's type like the whole model's
     _write_json(config_file, config)
+
+
+def write_support_files(path: Path) -> Path:
+    """The files a Qwen3-VL checkpoint carries beside its weights: tokenizer, chat template, generation and
+    preprocessor configs (as the real ones have them)."""
+    path.mkdir(parents=True, exist_ok=True)
+    _write_json(path / "generation_config.json", {**GENERATION_CONFIG, "transformers_version": "4.57.0"})
+    _write_json(path / "preprocessor_config.json", PREPROCESSOR_CONFIG)
+    _write_tokenizer_files(path)
+    return path
 
 
 def _write_tokenizer_files(path: Path) -> None:

@@ -1,0 +1,258 @@
+"""`tandem bench` in quick mode on the CPU with the tiny presets: structure and honesty of its outputs.
+
+One run of the whole harness (through the CLI, every part) is shared by the tests of this module; the numbers
+are CPU timings of tiny models, so only their form is checked: positive, finite, as many as requested, ratios
+that are the value over the floor, forced lengths that were really produced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import io
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from tandem.runtime.bench_report import COLUMNS, plot_latency
+from tandem.runtime.benchmark import PARTS, _policy_summary, build_models, decode_weight_bytes, text_ids
+from tandem.runtime.cli import main
+from tandem.runtime.pipeline import POLICIES
+
+LENGTHS = [1, 3, 8]
+IMAGE_SIZES = [224, 320]
+PROMPT_LENGTHS = [64, 160]
+SHORT, REASON = 3, 12  # not the defaults, so a forced length cannot be a coincidence
+ARGS = ["bench", "--quick", "--preset", "2b-like", "--pair", "8b-like,2b-like", "--device", "cpu", "--dtype", "float32",
+        "--repeats", "2", "--lengths", ",".join(map(str, LENGTHS)), "--image-sizes", ",".join(map(str, IMAGE_SIZES)),
+        "--prompt-lengths", ",".join(map(str, PROMPT_LENGTHS)), "--short-tokens", str(SHORT),
+        "--reason-tokens", str(REASON)]
+
+
+def _run(args: list[str]) -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(args)
+    return code, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bench")
+    code, printed = _run(ARGS + ["--out", str(folder)])
+    data = json.loads((folder / "bench.json").read_text()) if (folder / "bench.json").is_file() else None
+    return {"code": code, "printed": printed, "folder": folder, "data": data}
+
+
+def test_cli_returns_0_and_writes_every_file(run):
+    assert run["code"] == 0
+    for name in ("bench.json", "latency.png", "summary.txt"):
+        assert (run["folder"] / name).is_file(), name
+    assert run["printed"].startswith((run["folder"] / "summary.txt").read_text().rstrip("\n"))
+
+
+def test_json_has_every_section_and_the_machine(run):
+    data = run["data"]
+    assert data["complete"] is True
+    for section in ("machine", "settings", "kernels", "model", "floor", *PARTS):
+        assert section in data, section
+    machine = data["machine"]
+    assert machine["device"] == "cpu" and machine["device_name"]
+    assert machine["torch"] == torch.__version__ and machine["transformers"] and machine["triton"]
+    assert data["dtype"] == "float32" and data["settings"]["dtype"] == "float32"
+    assert data["command"].startswith("tandem bench ") and "--preset 2b-like" in data["command"]
+    assert "--reason-tokens 12" in data["command"] and data["process_argv"]
+    datetime.datetime.fromisoformat(data["date"])
+    assert set(data["decode"]["columns"]) == set(COLUMNS)
+    assert data["model"]["preset"] == "2b-like" and data["policies"]["large"] == "8b-like"
+
+
+def _numbers(node, path=""):
+    if isinstance(node, bool) or node is None or isinstance(node, str):
+        return
+    if isinstance(node, (int, float)):
+        yield path, node
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            yield from _numbers(value, f"{path}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _numbers(value, f"{path}[{i}]")
+
+
+def test_every_measured_number_is_positive_and_finite(run):
+    data = run["data"]
+    found = 0
+    for section in ("model", "floor", *PARTS):
+        for path, value in _numbers(data[section], section):
+            if path.startswith("policies.budget."):  # settings (temperature 0), not measurements
+                continue
+            assert math.isfinite(value) and value > 0, (path, value)
+            found += 1
+    assert found > 200
+
+
+def test_lengths_sizes_and_prompts_are_as_requested(run):
+    data = run["data"]
+    decode = data["decode"]
+    assert decode["lengths"] == LENGTHS
+    for key in ("tandem", "hf_eager"):
+        column = decode["columns"][key]
+        for field in ("per_token_ms", "total_ms", "ratio_to_floor", "tokens"):
+            assert len(column[field]) == len(LENGTHS)
+        assert column["per_token_ms"][0] is None  # one token: no decode step, so no per-token number
+        assert all(v is not None for v in column["per_token_ms"][1:])
+        assert [len(s) for s in column["samples"]["total_ms"]] == [2] * len(LENGTHS)  # the repeats, all kept
+    assert data["prefill"]["prompt_tokens"] == PROMPT_LENGTHS
+    assert len(data["prefill"]["columns"]["tandem"]["ms"]) == len(PROMPT_LENGTHS)
+    vision = data["vision"]
+    assert vision["sizes"] == IMAGE_SIZES and len(vision["columns"]["hf_eager"]["ms"]) == len(IMAGE_SIZES)
+    assert vision["resized"] == [[256, 256], [320, 320]]  # 224 is below Qwen3-VL's min_pixels: scaled up, and said so
+    assert vision["image_tokens"] == [64, 100]
+
+
+def test_forced_lengths_were_produced(run):
+    decode = run["data"]["decode"]
+    for key in ("tandem", "hf_eager"):
+        assert decode["columns"][key]["tokens"] == [[n] for n in LENGTHS], key
+    policies = run["data"]["policies"]
+    assert policies["budget"]["short_tokens"] == SHORT and policies["budget"]["reason_tokens"] == REASON
+    assert list(policies["results"]) == list(POLICIES)
+    for name, result in policies["results"].items():
+        for one in result["runs"]:
+            for stage in one["stages"]:
+                expected = REASON if stage["role"] == "reason" else SHORT
+                assert stage["output_tokens"] == stage["expected_tokens"] == expected, (name, stage)
+
+
+def test_verify_reports_which_branch_ran(run):
+    verify = run["data"]["policies"]["results"]["verify"]
+    assert sum(verify["branches"].values()) == len(verify["runs"]) == 2
+    for one in verify["runs"]:
+        roles = [s["role"] for s in one["stages"]]
+        assert roles == (["answer", "reason"] if one["branch"].startswith("agreed") else ["answer", "reason", "transfer"])
+    for name in ("large", "transfer"):
+        assert run["data"]["policies"]["results"][name]["branches"] == {}
+
+
+def test_ratios_are_value_over_floor(run):
+    data = run["data"]
+    floor = data["floor"]
+    assert floor["ms_per_token"] == pytest.approx(1000 * floor["decode_weight_bytes"] / (floor["bandwidth_gb_s"] * 1e9))
+    assert floor["bandwidth_gb_s"] == pytest.approx(2 * floor["copy_bytes"] / (floor["copy_ms"] / 1000) / 1e9)
+    for key in ("tandem", "hf_eager"):
+        column = data["decode"]["columns"][key]
+        for value, ratio in zip(column["per_token_ms"], column["ratio_to_floor"]):
+            assert ratio == (None if value is None else pytest.approx(value / floor["ms_per_token"], rel=1e-12))
+
+
+def test_floor_counts_the_weights_a_decode_step_reads(run):
+    """2b-like ties its head to the embedding: a step reads the whole text model (embedding = head, layers, norm)."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    from tandem.models.config import parse_config
+    from tandem.models.loader import load_model_from_state_dict
+    from tandem.models.tiny import PRESETS
+
+    hf = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**PRESETS["2b-like"]))
+    text = sum(p.numel() * 4 for p in hf.model.language_model.parameters())
+    assert run["data"]["model"]["decode_weight_bytes"] == run["data"]["floor"]["decode_weight_bytes"] == text
+    untied = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**PRESETS["8b-like"]))
+    model = load_model_from_state_dict(parse_config(untied.config.to_dict()), untied.state_dict(), "cpu", torch.float32)
+    embed = untied.model.language_model.embed_tokens.weight
+    text = sum(p.numel() * 4 for p in untied.model.language_model.parameters())
+    assert decode_weight_bytes(model) == text - embed.numel() * 4 + embed.shape[1] * 4 + untied.lm_head.weight.numel() * 4
+
+
+def test_both_implementations_get_identical_weights(tmp_path):
+    """The harness's own build path (random transformers model -> state_dict -> Tandem) gives one model twice."""
+    built = build_models("8b-like", torch.device("cpu"), torch.float32, 3(tmp_path), 256)
+    ids = text_ids(40, 1)
+    ours = built.engine.prompt_logits(built.engine.prepare(None, ids))
+    with torch.no_grad():
+        ref = built.hf(input_ids=torch.tensor([ids])).logits[0]
+    assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert built.decode_weight_bytes < built.weight_bytes
+
+
+def test_policy_medians_follow_the_most_frequent_branch():
+    def one(total, branch, decode):
+        stages = [{"model": "large", "role": "answer", "input_tokens": 9, "prefilled_tokens": 9, "expected_tokens": 4,
+                   "output_tokens": 4, "vision_ms": 1.0, "prefill_ms": 2.0, "decode_ms": decode}]
+        if branch.startswith("disagreed"):
+            stages.append({**stages[0], "role": "transfer", "decode_ms": 50.0})
+        return {"total_ms": total, "branch": branch, "stages": stages}
+
+    runs = [one(10.0, "agreed: no transfer stage", 3.0), one(30.0, "disagreed: transfer stage ran", 7.0),
+            one(12.0, "agreed: no transfer stage", 5.0)]
+    summary = _policy_summary(runs)
+    assert summary["total_ms"] == 12.0 and summary["stage_runs"] == 2
+    assert summary["branches"] == {"agreed: no transfer stage": 2, "disagreed: transfer stage ran": 1}
+    assert [s["role"] for s in summary["stages"]] == ["answer"] and summary["stages"][0]["decode_ms"] == 4.0
+
+
+def test_compiled_column_is_unavailable_on_cpu_with_the_reason(run):
+    compiled = run["data"]["decode"]["columns"]["hf_compiled"]
+    assert set(compiled) == {"unavailable"} and compiled["unavailable"].startswith("not attempted on cpu")
+    assert "HF static+compile: unavailable: not attempted on cpu" in run["printed"]
+
+
+def test_png_is_a_valid_image_of_sensible_size(run, tmp_path):
+    with Image.open(run["folder"] / "latency.png") as img:
+        img.verify()
+    with Image.open(run["folder"] / "latency.png") as img:
+        assert img.format == "PNG" and img.width >= 600 and img.height >= 400
+        assert len(img.convert("RGB").getcolors(1 << 20)) > 10  # something was drawn
+    assert plot_latency(run["data"], tmp_path / "pil.png", backend="pil") == "pil"
+    with Image.open(tmp_path / "pil.png") as img:
+        assert img.size == (1000, 640)
+
+
+def test_matplotlib_plot_when_installed(run, tmp_path):
+    pytest.importorskip("matplotlib")
+    assert plot_latency(run["data"], tmp_path / "mpl.png", backend="matplotlib") == "matplotlib"
+    with Image.open(tmp_path / "mpl.png") as img:
+        assert img.width >= 600 and img.height >= 400
+
+
+def test_summary_names_device_and_dtype_on_every_table(run):
+    summary = (run["folder"] / "summary.txt").read_text()
+    assert summary.splitlines()[0].startswith("Tandem latency benchmark on cpu (")
+    titles = [line for line in summary.splitlines() if line.startswith(("Decode", "Prefill", "Vision", "Policies"))]
+    assert len(titles) == 5
+    for title in titles:
+        assert ", float32" in title and "on cpu (" in title, title
+    assert "transformers 5." in summary and "command: tandem bench" in summary
+
+
+def test_skip_hf_and_a_subset_of_parts(tmp_path):
+    code, printed = _run(["bench", "--quick", "--parts", "decode", "--skip-hf", "--device", "cpu", "--repeats", "1",
+                          "--lengths", "2", "--out", str(tmp_path)])
+    assert code == 0
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert "policies" not in data and "vision" not in data and data["complete"]
+    assert data["model"]["preset"] == "2b-like"  # --quick on the CPU: the tiny default
+    columns = data["decode"]["columns"]
+    assert columns["hf_eager"] == {"unavailable": "skipped (--skip-hf)"} == columns["hf_compiled"]
+    assert columns["tandem"]["tokens"] == [[2]]
+    assert (tmp_path / "latency.png").is_file() and "HF eager: unavailable: skipped (--skip-hf)" in printed
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset", "qwen3-vl-70b"], "unknown preset 'qwen3-vl-70b'"),
+    (["--pair", "8b-like,nope"], "unknown preset 'nope'"),
+])
+def test_bad_presets_exit_2_before_any_work(args, message, capsys):
+    assert main(["bench", "--quick", "--device", "cpu", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["--lengths", "0,4"], ["--parts", "decode,speed"], ["--pair", "8b-like"]])
+def test_malformed_lists_are_usage_errors(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", *args])
+    assert exit_info.value.code == 2
+    assert "tandem bench: error:" in capsys.readouterr().err
