@@ -169,7 +169,7 @@ def test_floor_counts_the_weights_a_decode_step_reads(run):
 
 def test_both_implementations_get_identical_weights(tmp_path):
     """The harness's own build path (random transformers model -> state_dict -> Tandem) gives one model twice."""
-    built = build_models("8b-like", torch.device("cpu"), torch.float32, 3(tmp_path), 256)
+    built = build_models("8b-like", torch.device("cpu"), torch.float32, 3, write_support_files(tmp_path), 256)
     ids = text_ids(40, 1)
     ours = built.engine.prompt_logits(built.engine.prepare(None, ids))
     with torch.no_grad():
