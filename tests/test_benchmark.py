@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tandem.models.tiny import write_support_files
 from tandem.runtime.bench_report import COLUMNS, plot_latency
 from tandem.runtime.benchmark import PARTS, _policy_summary, build_models, decode_weight_bytes, text_ids
 from tandem.runtime.cli import main
