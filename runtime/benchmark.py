@@ -42,8 +42,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import json
-import math
 import os
 import platform
 import shlex
@@ -54,7 +52,7 @@ import tempfile
 import time
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +65,9 @@ from tandem.models.errors import InputError
 from tandem.models.image import ImageProcessorConfig, preprocess_images
 from tandem.models.loader import load_model_from_state_dict
 from tandem.models.qwen3_vl import Qwen3VL
-from tandem.models.tiny import GENERATION_CONFIG, PRESETS, TINY_PRESETS, perturb_weights, write_support_files
+from tandem.models.tiny import GENERATION_CONFIG, PRESETS, perturb_weights, write_support_files
 from tandem.models.tokenizer import Tokenizer
-from tandem.runtime.bench_report import COLUMNS, write_outputs
+from tandem.runtime.bench_report import write_outputs
 from tandem.runtime.engine import DEFAULT_PAGE_SIZE, Engine, parse_dtype
 from tandem.runtime.kv_cache import PagePool
 from tandem.runtime.pipeline import POLICIES, Budget, Tandem

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 import tandem.models.tiny as tiny
-from tandem.models.tiny import PRESETS, TINY_PRESETS, build_random_checkpoint, cached_tiny_checkpoint
+from tandem.models.tiny import TINY_PRESETS, build_random_checkpoint, cached_tiny_checkpoint
 from tandem.models.tokenizer import Tokenizer, build_prompt_ids
 
 ROPE = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [6, 5, 5], "mrope_interleaved": True}
