@@ -120,8 +120,8 @@ class VisionEncoder(nn.Module):
         """pixel_values [patches, C*T*P*P] in merge-block order -> (image embeds [patches/4, out], DeepStack features)."""
         proj = self.patch_embed.proj
         x = F.linear(pixel_values.to(proj.weight.dtype), proj.weight.flatten(1), proj.bias)
-        x = x + self._position_table(grid_thw, x.device).to(x.dtype)
         rows_cols = _patch_rows_cols(grid_thw, self.config.spatial_merge_size, x.device)
+        x = x + self._position_table(rows_cols, grid_thw).to(x.dtype)
         cos, sin = rotary_cos_sin(rows_cols, self.rotary_inv_freq, self.rotary_axes)
         frames = Frames.of(grid_thw, x.device)
 
@@ -132,10 +132,11 @@ class VisionEncoder(nn.Module):
                 deepstack.append(self.deepstack_merger_list[self.config.deepstack_visual_indexes.index(i)](x))
         return self.merger(x), deepstack
 
-    def _position_table(self, grid_thw: list[tuple[int, int, int]], device: torch.device) -> torch.Tensor:
-        """The learned side x side position table, resampled bilinearly (align_corners=True) to each image's grid."""
+    def _position_table(self, rows_cols: torch.Tensor, grid_thw: list[tuple[int, int, int]]) -> torch.Tensor:
+        """The learned side x side position table, resampled bilinearly (align_corners=True) to each image's grid,
+        at the patches' rows and columns [2, patches]."""
         side = int(self.config.num_position_embeddings**0.5)
-        rows_cols = _patch_rows_cols(grid_thw, self.config.spatial_merge_size, device)
+        device = rows_cols.device
         sizes = torch.cat([torch.tensor([[h], [w]], device=device).expand(2, t * h * w) for t, h, w in grid_thw], dim=1)
         # align_corners=True: the first and last patch map onto the table's first and last entry.
         src = rows_cols.float() * (side - 1) / (sizes - 1).clamp(min=1)

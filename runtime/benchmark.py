@@ -68,7 +68,7 @@ from tandem.models.qwen3_vl import Qwen3VL
 from tandem.models.tiny import GENERATION_CONFIG, PRESETS, perturb_weights, write_support_files
 from tandem.models.tokenizer import Tokenizer
 from tandem.runtime.bench_report import write_outputs
-from tandem.runtime.engine import DEFAULT_PAGE_SIZE, Engine, parse_dtype
+from tandem.runtime.engine import DEFAULT_PAGE_SIZE, Engine, device_clock, parse_dtype
 from tandem.runtime.kv_cache import PagePool
 from tandem.runtime.pipeline import POLICIES, Budget, Tandem
 from tandem.runtime.sampling import SamplingParams, checkpoint_defaults
@@ -165,17 +165,6 @@ class BenchSettings:
 
 
 # ---- timing ------------------------------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _clock(device: torch.device) -> float:
-    """The same clock as Engine.now(): read after the device has finished its queued work."""
-    _sync(device)
-    return time.perf_counter()
-
-
 def median(samples: list[float | None]) -> float | None:
     values = [s for s in samples if s is not None]
     return statistics.median(values) if values else None
@@ -193,7 +182,7 @@ class _StepClock:
         self.times: list[float] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs) -> torch.Tensor:
-        self.times.append(_clock(self.device))
+        self.times.append(device_clock(self.device))
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
@@ -365,11 +354,11 @@ def _hf_decode(hf, ids: torch.Tensor, length: int, device: torch.device, cache=N
     if cache is not None:
         cache.reset()
         kwargs = {"past_key_values": cache, "compile_config": compile_config}
-    start = _clock(device)
+    start = device_clock(device)
     out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=length, min_new_tokens=length,
                       do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=PAD_ID,
                       stopping_criteria=StoppingCriteriaList([clock]), **kwargs)
-    total = _clock(device) - start
+    total = device_clock(device) - start
     steps = clock.times
     return {"total_s": total, "per_token_s": (steps[-1] - steps[0]) / (len(steps) - 1) if len(steps) > 1 else None,
             "first_token_s": steps[0] - start if steps else None, "tokens": out.shape[1] - ids.shape[1]}
@@ -484,9 +473,9 @@ def bench_prefill(built: Built, s: BenchSettings, progress: Progress) -> dict:
             samples = []
             for i in range(1 + s.repeats):
                 with torch.no_grad():
-                    start = _clock(device)
+                    start = device_clock(device)
                     built.hf(input_ids=ids_t, use_cache=True, logits_to_keep=1)
-                    elapsed = _clock(device) - start
+                    elapsed = device_clock(device) - start
                 if i:
                     samples.append(elapsed)
                 progress.step(f"prefill hf_eager {n} tokens")
@@ -530,9 +519,9 @@ def bench_vision(built: Built, s: BenchSettings, progress: Progress) -> dict:
             samples = []
             for i in range(1 + s.repeats):
                 with torch.no_grad():
-                    start = _clock(device)
+                    start = device_clock(device)
                     built.hf.model.visual(inputs.pixel_values, grid_thw=grid)
-                    elapsed = _clock(device) - start
+                    elapsed = device_clock(device) - start
                 if i:
                     samples.append(elapsed)
                 progress.step(f"vision hf_eager {size}px")

@@ -143,8 +143,7 @@ class Engine:
         timings = Timings()
         prompt = self.prepare(messages, prompt_token_ids, images)
         ids = list(self._tokens(prompt, sampling, timings))
-        finished = ids[-1] in self.stop_ids(sampling)
-        text_ids = ids[:-1] if finished else ids
+        text_ids, finished = self.without_stop(ids, sampling)
         return GenerateOutput(self.tokenizer.decode(text_ids), ids, "stop" if finished else "length", timings)
 
     def stream(self, messages: list[dict] | None = None, sampling: SamplingParams | None = None, *,
@@ -235,6 +234,7 @@ class Engine:
         out = torch.empty(params.max_tokens, dtype=torch.long, device=self.device)
         stopped = torch.zeros(1, dtype=torch.bool, device=self.device)
         start = self.now()
+        emitted = 0  # tokens yielded so far
         self.decoder.begin(seq, rope_delta, params.max_tokens - 1, key_mass)
         try:
             with torch.inference_mode():
@@ -243,9 +243,11 @@ class Engine:
                     out[count - 1 : count] = token
                     stopped |= torch.isin(token, stops)
                     if count == params.max_tokens or count % poll == 0:
-                        chunk, done = self._poll(out, count, timings, stopped, stops)
+                        end, done = self._poll(out, emitted, count, stopped, stops)
+                        timings.output_tokens = end
                         timings.decode_s = self.now() - start
-                        yield chunk
+                        yield out[emitted:end]
+                        emitted = end
                         if done or count == params.max_tokens:
                             return
                     token = sample(self.decoder.step(token), params, generator)
@@ -253,16 +255,15 @@ class Engine:
         finally:
             self.decoder.end()
 
-    def _poll(self, out: torch.Tensor, count: int, timings: Timings, stopped: torch.Tensor,
-              stops: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """(the tokens sampled since the last poll, cut after the first stop token; whether one came). The one
-        host read of the device state per poll."""
-        emitted = timings.output_tokens
+    @staticmethod
+    def _poll(out: torch.Tensor, emitted: int, count: int, stopped: torch.Tensor,
+              stops: torch.Tensor) -> tuple[int, bool]:
+        """(where the tokens to yield end: `count`, or just after the first stop token in out[emitted:count];
+        whether a stop came). The one host read of the device state per poll."""
         done = bool(stopped)
         if done:
             count = emitted + int(torch.isin(out[emitted:count], stops).int().argmax()) + 1
-        timings.output_tokens = count
-        return out[emitted:count], done
+        return count, done
 
     # ---- internals ---------------------------------------------------------------------------------------------
     def _tokens(self, prompt: Prompt, sampling: SamplingParams | None, timings: Timings) -> Iterator[int]:
@@ -301,6 +302,11 @@ class Engine:
             x = self.model.embed(ids, image_embeds)
             return self.model.language_model(x, positions, self.pool.kv, meta, visual)
 
+    def without_stop(self, ids, sampling: SamplingParams | None):
+        """(generated ids without the stop token that ended them, whether one did); ids: a list or a tensor."""
+        finished = int(ids[-1]) in self.stop_ids(sampling)
+        return (ids[:-1] if finished else ids), finished
+
     def stop_ids(self, sampling: SamplingParams | None) -> frozenset[int]:
         """The ids that end generation under these params: the checkpoint's eos ids (unless ignore_eos) and
         the params' stop_token_ids."""
@@ -328,11 +334,16 @@ class Engine:
                              f"(capacity {self.pool.capacity_tokens}; raise kv_cache_tokens or lower max_tokens)")
 
     def now(self) -> float:
-        """A clock reading after the current stream has finished its queued work: phase timings mean device time.
-        Only the current stream, so two engines running on two streams do not wait for each other."""
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
-        return time.perf_counter()
+        """A clock reading after the device has finished this stream's work (see device_clock)."""
+        return device_clock(self.device)
+
+
+def device_clock(device: torch.device) -> float:
+    """A clock reading after the current stream has finished its queued work: phase timings mean device time.
+    Only the current stream, so two engines running on two streams do not wait for each other."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+    return time.perf_counter()
 
 
 def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:

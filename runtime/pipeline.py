@@ -259,7 +259,7 @@ class Tandem:
             tokens = torch.cat(list(engine.decode(seq, logits, params, prefix.rope_delta, timings, key_mass=mass)))
         finally:
             seq.release()
-        ids = tokens[:-1] if int(tokens[-1]) in engine.stop_ids(params) else tokens
+        ids, _ = engine.without_stop(tokens, params)
         text = engine.tokenizer.decode(ids.tolist())
         stage = Stage(
             model=model, role=role, input_tokens=prompt_tokens, prefilled_tokens=len(suffix),
