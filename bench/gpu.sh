@@ -41,8 +41,8 @@ bench_run() {  # NAME SECONDS ARGS...: one `tandem bench` under a timeout; print
     echo "bench $name: exit $code$([ $code = 124 ] && echo " (cut by its $seconds s timeout: bench.json says \"complete\": false)")"
     cat "$OUT/bench-$name/summary.txt" 2>/dev/null || { tail -5 "$OUT/bench-$name.log"; echo; }
 }
-single=(--parts decode,prefill,vision --repeats 3 --lengths 1,4,16,64,256,1024 --image-sizes 224,448,896,1344
-        --prompt-lengths 128,512,2048,4096)
+single=(--parts decode,batch,prefill,vision --repeats 3 --lengths 1,4,16,64,256,1024 --batch-sizes 1,2,4,8
+        --batch-tokens 128 --image-sizes 224,448,896,1344 --prompt-lengths 128,512,2048,4096)
 
 case "${1:-check}" in
     check)

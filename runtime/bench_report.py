@@ -54,6 +54,8 @@ def format_summary(result: dict) -> str:
                      f"{f['ms_per_token']:.4f} ms per token")
     if "decode" in result:
         lines += ["", *_decode_table(result)]
+    if "batch" in result:
+        lines += ["", *_batch_table(result)]
     if "prefill" in result:
         p = result["prefill"]
         lines += ["", f"Prefill ms, random text prompt, on {_where(result)}",
@@ -66,15 +68,17 @@ def format_summary(result: dict) -> str:
         lines += _unavailable_notes(p["columns"])
     if "vision" in result:
         v = result["vision"]
-        lines += ["", f"Vision encoder ms, one square image (Tandem's preprocessing timed apart), on {_where(result)}",
+        lines += ["", f"Vision encoder ms, one square image (Tandem's preprocessing timed apart; first token: the "
+                      f"whole request with a one-line question, max_tokens=1), on {_where(result)}",
                   f"{'image':>6} | {'resized':>9} | {'patches':>7} | {'tokens':>6} | {'preprocess':>10} | "
-                  f"{'Tandem':>9} | {'HF eager':>9}"]
+                  f"{'Tandem':>9} | {'HF eager':>9} | {'first token':>11}"]
         hf = v["columns"]["hf_eager"]
         for i, size in enumerate(v["sizes"]):
             h, w = v["resized"][i]
             lines.append(f"{size:>6} | {f'{h}x{w}':>9} | {v['patches'][i]:>7} | {v['image_tokens'][i]:>6} | "
                          f"{_f(v['columns']['tandem']['preprocess_ms'][i], 10)} | {_f(v['columns']['tandem']['ms'][i], 9)} | "
-                         f"{_f(None if 'unavailable' in hf else hf['ms'][i], 9)}")
+                         f"{_f(None if 'unavailable' in hf else hf['ms'][i], 9)} | "
+                         f"{_f(v['columns']['tandem']['first_token_ms'][i], 11)}")
         lines += _unavailable_notes(v["columns"])
     if "policies" in result:
         lines += ["", *_policy_table(result)]
@@ -98,6 +102,16 @@ def _decode_table(result: dict) -> list[str]:
     for i, L in enumerate(d["lengths"]):
         lines.append(f"{L:>5} | " + " | ".join(_f(c["total_ms"][i], 18) for c in cols.values()))
     return lines + _unavailable_notes(d["columns"])
+
+
+def _batch_table(result: dict) -> list[str]:
+    b, floor = result["batch"], result.get("floor", {}).get("ms_per_token")
+    lines = [f"Decode ms per step, Tandem, one token for each of B sequences (prompt {b['prompt_tokens']} tokens, "
+             f"{b['output_tokens']} tokens each, greedy), on {_where(result)}",
+             f"{'B':>3} | {'ms/step':>9} | {'x floor':>7} | {'tokens/s':>9}"]
+    for B, ms, ratio, rate in zip(b["batch_sizes"], b["step_ms"], b["ratio_to_floor"], b["tokens_per_s"]):
+        lines.append(f"{B:>3} | {ms:>9.3f} | {_f(ratio, 7, 1)} | {rate:>9.1f}")
+    return lines + ([f"floor: {floor:.4f} ms per step"] if floor else [])
 
 
 def _unavailable_notes(columns: dict) -> list[str]:

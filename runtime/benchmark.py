@@ -29,10 +29,15 @@ Columns:
   one embedding row) / device copy bandwidth (2 x buffer bytes / median time of `dst.copy_(src)` on a 1 GiB
   buffer, smaller on the CPU). The KV cache the step also reads is not counted: the floor is a lower bound.
   ratio = column value / floor.
+- batch, Tandem only: `Engine.generate_batch` of B prompts (P random text ids each, other ids per row), exactly
+  batch_tokens greedy tokens each. ms per step = Timings.decode_s / (batch_tokens - 1): one step feeds one token to
+  each of the B sequences; tokens/s = B / step; ratio = step / floor (a step reads the weights once, whatever B).
 - prefill: Timings.prefill_s of `generate(max_tokens=1)` on P random text ids; transformers: one forward of the same
   ids with use_cache=True and logits_to_keep=1.
 - vision: `Engine.encode_images` (the tower alone) on one square image preprocessed by Tandem (its preprocessing is
-  timed separately); transformers: `model.visual(pixel_values, grid_thw)` on the same pixels.
+  timed separately); transformers: `model.visual(pixel_values, grid_thw)` on the same pixels. First token, Tandem:
+  the synchronised wall time of `generate` with max_tokens=1 on the chat message (that image as an array + a
+  one-line question): tokenization, preprocessing, vision encoder, prefill and the first sampled token.
 - policies: `Tandem(large, small, budget=Budget(short, reason, temperature=0, ignore_eos=True))`, every policy on one
   square image, a fresh image (same size, other pixels) for every run so the vision cache never hits. Total = the
   synchronised wall time of `answer()`; per stage its own vision / prefill / decode seconds and token counts.
@@ -73,7 +78,7 @@ from tandem.runtime.kv_cache import PagePool
 from tandem.runtime.pipeline import POLICIES, Budget, Tandem
 from tandem.runtime.sampling import SamplingParams, checkpoint_defaults
 
-PARTS = ("decode", "prefill", "vision", "policies")
+PARTS = ("decode", "batch", "prefill", "vision", "policies")
 FULL_LENGTHS = tuple(2**i for i in range(11))  # 1 .. 1024 output tokens
 QUICK_LENGTHS = (1, 4, 16)
 FULL_IMAGE_SIZES = (224, 448, 672, 896, 1120, 1344)
@@ -81,6 +86,10 @@ QUICK_IMAGE_SIZES = (224, 448)
 FULL_PROMPT_LENGTHS = (128, 256, 512, 1024, 2048, 4096)
 QUICK_PROMPT_LENGTHS = (128, 512)
 DECODE_PROMPT_TOKENS = 128
+FULL_BATCH_SIZES = (1, 2, 4, 8)
+QUICK_BATCH_SIZES = (1, 3)
+FULL_BATCH_TOKENS = 128
+QUICK_BATCH_TOKENS = 6
 POLICY_IMAGE_SIZE = 448
 QUESTION = "What is the main object in this picture, and what color is it?"
 TEXT_ID_LIMIT = 151643  # ids below this are ordinary byte-pair tokens (no special or image-pad id)
@@ -103,6 +112,8 @@ class BenchSettings:
     lengths: tuple[int, ...] | None = None
     image_sizes: tuple[int, ...] | None = None
     prompt_lengths: tuple[int, ...] | None = None
+    batch_sizes: tuple[int, ...] | None = None
+    batch_tokens: int | None = None
     decode_prompt_tokens: int = DECODE_PROMPT_TOKENS
     short_tokens: int = 4
     reason_tokens: int | None = None
@@ -131,6 +142,8 @@ class BenchSettings:
         s.image_sizes = tuple(s.image_sizes or (QUICK_IMAGE_SIZES if s.quick else FULL_IMAGE_SIZES))
         s.prompt_lengths = tuple(s.prompt_lengths or (QUICK_PROMPT_LENGTHS if s.quick else FULL_PROMPT_LENGTHS))
         s.reason_tokens = s.reason_tokens or (32 if s.quick else 256)
+        s.batch_sizes = tuple(s.batch_sizes or (QUICK_BATCH_SIZES if s.quick else FULL_BATCH_SIZES))
+        s.batch_tokens = s.batch_tokens or (QUICK_BATCH_TOKENS if s.quick else FULL_BATCH_TOKENS)
         s.copy_bytes = s.copy_bytes or COPY_BYTES["cuda" if device.type == "cuda" else "cpu-quick" if s.quick else "cpu"]
         s.parts = tuple(p for p in PARTS if p in s.parts)  # measurement order is fixed
         s._check()
@@ -146,7 +159,7 @@ class BenchSettings:
             raise InputError(f"no part to run; choose from {', '.join(PARTS)}")
         if self.repeats < 1:
             raise InputError(f"repeats must be at least 1, got {self.repeats}")
-        for name in ("lengths", "image_sizes", "prompt_lengths"):
+        for name in ("lengths", "image_sizes", "prompt_lengths", "batch_sizes"):
             values = getattr(self, name)
             if not values or any(not isinstance(v, int) or v < 1 for v in values):
                 raise InputError(f"{name} must be positive integers, got {list(values)}")
@@ -154,6 +167,8 @@ class BenchSettings:
             raise InputError("image sizes must be at least 32 pixels")
         if self.short_tokens < 1 or self.reason_tokens < 1 or self.decode_prompt_tokens < 1:
             raise InputError("token budgets and the decode prompt length must be positive")
+        if self.batch_tokens < 2:
+            raise InputError(f"batch_tokens must be at least 2 (one decode step), got {self.batch_tokens}")
 
     @property
     def torch_device(self) -> torch.device:
@@ -210,12 +225,16 @@ def _planned_runs(s: BenchSettings) -> int:
     total = 0
     if set(s.parts) & {"decode", "prefill", "vision"}:
         total += 1  # build
+    if {"decode", "batch"} & set(s.parts):
+        total += 1  # copy bandwidth
     if "decode" in s.parts:
-        total += 1 + (1 + hf + compiled) * (1 + s.repeats * len(s.lengths))
+        total += (1 + hf + compiled) * (1 + s.repeats * len(s.lengths))
+    if "batch" in s.parts:
+        total += per_config * len(s.batch_sizes)
     if "prefill" in s.parts:
         total += (1 + hf) * per_config * len(s.prompt_lengths)
     if "vision" in s.parts:
-        total += (1 + hf) * per_config * len(s.image_sizes)
+        total += (2 + hf) * per_config * len(s.image_sizes)
     if "policies" in s.parts:
         total += 2 + len(POLICIES) * per_config
     return total
@@ -455,6 +474,37 @@ def bench_decode_compiled(built: Built, s: BenchSettings, progress: Progress, fl
         return _unavailable(_error_text(e))
 
 
+def bench_batch(built: Built, s: BenchSettings, progress: Progress, floor_ms: float | None) -> dict:
+    """Tandem's decode step at each batch size: B prompts of P random text ids (other ids per row), exactly
+    batch_tokens greedy tokens each, decoded together by `Engine.generate_batch`."""
+    engine = built.engine
+    prompts = {B: [engine.prepare(None, text_ids(s.decode_prompt_tokens, s.seed + row)) for row in range(B)]
+               for B in s.batch_sizes}
+    params = SamplingParams(max_tokens=s.batch_tokens, temperature=0.0, top_p=1.0, top_k=0, ignore_eos=True)
+
+    def run(B: int) -> dict:
+        outs = engine.generate_batch(prompts[B], params)
+        return {"step_s": outs[0].timings.decode_s / (s.batch_tokens - 1),
+                "tokens": sorted({len(o.token_ids) for o in outs})}
+
+    for B in s.batch_sizes:
+        run(B)
+        progress.step(f"batch warm-up {B}")
+    runs: dict[int, list[dict]] = {B: [] for B in s.batch_sizes}
+    for rep in range(s.repeats):
+        for B in s.batch_sizes:
+            runs[B].append(run(B))
+            progress.step(f"batch {B} x {s.batch_tokens} tokens ({rep + 1}/{s.repeats})")
+    step_ms = [_ms(median([r["step_s"] for r in runs[B]])) for B in s.batch_sizes]
+    return {
+        "prompt_tokens": s.decode_prompt_tokens, "output_tokens": s.batch_tokens, "batch_sizes": list(s.batch_sizes),
+        "step_ms": step_ms, "ratio_to_floor": [v / floor_ms if floor_ms else None for v in step_ms],
+        "tokens_per_s": [1000 * B / v for B, v in zip(s.batch_sizes, step_ms)],
+        "tokens": [sorted({n for r in runs[B] for n in r["tokens"]}) for B in s.batch_sizes],
+        "samples": {"step_ms": [[_ms(r["step_s"]) for r in runs[B]] for B in s.batch_sizes]},
+    }
+
+
 def bench_prefill(built: Built, s: BenchSettings, progress: Progress) -> dict:
     engine, device = built.engine, s.torch_device
     params = SamplingParams(max_tokens=1, temperature=0.0, top_p=1.0, top_k=0, ignore_eos=True)
@@ -494,7 +544,8 @@ def _simple_column(samples: list[list[float]], tokens: tuple[int, ...] | None = 
 
 def bench_vision(built: Built, s: BenchSettings, progress: Progress) -> dict:
     engine, device, dtype = built.engine, s.torch_device, s.torch_dtype
-    tandem, hf, preprocess, resized, patches, tokens = [], [], [], [], [], []
+    tandem, hf, preprocess, first_token, resized, patches, tokens = [], [], [], [], [], [], []
+    one_token = SamplingParams(max_tokens=1, temperature=0.0, top_p=1.0, top_k=0, ignore_eos=True)
     for size in s.image_sizes:
         image = bench_image(size, s.seed + size)
         pre, enc = [], []
@@ -510,6 +561,15 @@ def bench_vision(built: Built, s: BenchSettings, progress: Progress) -> dict:
             progress.step(f"vision tandem {size}px")
         preprocess.append(pre)
         tandem.append(enc)
+        question = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": QUESTION}]}]
+        first = []
+        for i in range(1 + s.repeats):
+            start = engine.now()
+            engine.generate(question, one_token)
+            if i:
+                first.append(engine.now() - start)
+            progress.step(f"first token tandem {size}px")
+        first_token.append(first)
         _, h, w = inputs.grid_thw[0].tolist()
         resized.append([h * engine.image_config.patch_size, w * engine.image_config.patch_size])
         patches.append(h * w)
@@ -526,7 +586,9 @@ def bench_vision(built: Built, s: BenchSettings, progress: Progress) -> dict:
                     samples.append(elapsed)
                 progress.step(f"vision hf_eager {size}px")
             hf.append(samples)
-    columns = {"tandem": {**_simple_column(tandem), "preprocess_ms": [_ms(median(x)) for x in preprocess]}}
+    columns = {"tandem": {**_simple_column(tandem), "preprocess_ms": [_ms(median(x)) for x in preprocess],
+                          "first_token_ms": [_ms(median(x)) for x in first_token],
+                          "first_token_samples_ms": [[_ms(v) for v in x] for x in first_token]}}
     columns["hf_eager"] = _simple_column(hf) if built.hf is not None else _unavailable("skipped (--skip-hf)")
     return {"sizes": list(s.image_sizes), "resized": resized, "patches": patches, "image_tokens": tokens,
             "columns": columns}
@@ -664,7 +726,9 @@ def run_benchmark(settings: BenchSettings, command: str, out_dir: Path | None = 
             files = write_support_files(Path(tmp))
             single = [p for p in s.parts if p != "policies"]
             if single:
-                kv = max(s.decode_prompt_tokens + max(s.lengths), max(s.prompt_lengths) + 1)
+                kv = max(s.decode_prompt_tokens + max(s.lengths), max(s.prompt_lengths) + 1,
+                         (max(s.image_sizes) // 32 + 2) ** 2 + 256,
+                         max(s.batch_sizes) * (s.decode_prompt_tokens + s.batch_tokens + DEFAULT_PAGE_SIZE))
                 built = build_models(s.preset, device, dtype, s.seed, files, kv, s.kernel_backend, keep_hf=not s.skip_hf)
                 bar.step(f"built {s.preset}")
                 result["model"] = {
@@ -674,11 +738,15 @@ def run_benchmark(settings: BenchSettings, command: str, out_dir: Path | None = 
                     "hf_attn_implementation": getattr(built.hf.config, "_attn_implementation", None) if built.hf else None,
                 }
                 floor_ms = None
-                if "decode" in s.parts:
+                if {"decode", "batch"} & set(s.parts):
                     result["floor"] = measure_floor(device, s.copy_bytes, built.decode_weight_bytes)
                     floor_ms = result["floor"]["ms_per_token"]
                     bar.step("copy bandwidth")
+                if "decode" in s.parts:
                     result["decode"] = bench_decode(built, s, bar, floor_ms)
+                    save()
+                if "batch" in s.parts:
+                    result["batch"] = bench_batch(built, s, bar, floor_ms)
                     save()
                 if "prefill" in s.parts:
                     result["prefill"] = bench_prefill(built, s, bar)

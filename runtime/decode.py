@@ -1,13 +1,16 @@
 """Decode steps with everything on the device, captured as CUDA graphs where the kernels allow it.
 
-A step reads the token just sampled, the sequence length and its M-RoPE offset from device buffers, computes its
-cache slot, context length and position there, runs the decoder and returns the logits. Nothing is copied from
-the host during a generation, so the host runs ahead of the GPU; on CUDA with the Triton kernels the step is
-captured once per block-table width and replayed (a whole step is then one graph launch).
+A step feeds one token to each sequence of a batch. It reads the tokens just sampled, the sequence lengths and
+their M-RoPE offsets from device buffers, computes cache slots, context lengths and positions there, runs the
+decoder and returns the logits. Nothing is copied from the host during a generation, so the host runs ahead of the
+GPU; on CUDA with the Triton kernels each step shape is captured once and replayed (a whole step is then one graph
+launch).
 
-The buffers are static and belong to the engine: one set per block-table width (a power of two of pages, so a
-few widths cover every context), reused by every request whose pages fit it. The pages for every token a
-generation may write are reserved before it starts, so its block table is written once per generation.
+A step shape is (batch bucket, block-table width): the batch is padded to a power of two (1, 2, 4, 8, ...) and the
+block table to a power of two of pages, so a few shapes cover every request. The buffers of a shape are static and
+belong to the engine, reused by every batch that fits it. Padding rows write their K/V into the pool's scratch
+page, which no sequence owns, and their logits are never read. The pages for every token a generation may write
+are reserved before it starts, so the block table is written once per generation.
 """
 
 from __future__ import annotations
@@ -26,42 +29,66 @@ MIN_WIDTH = 16  # pages: the smallest block-table width captured
 
 @dataclass
 class _Buffers:
-    block_table: torch.Tensor  # [1, width] int32; unused entries point at page 0 and are never read
-    length: torch.Tensor  # [1] int64: tokens cached before the step
-    rope_delta: torch.Tensor  # [1] int64
-    token: torch.Tensor  # [1] int64: the token the step feeds
-    cu_query_lens: torch.Tensor  # [2] int32: one query
-    key_mass: torch.Tensor  # [1, width * page_size] float32
+    """The static inputs of one step shape (rows = batch bucket)."""
+
+    block_table: torch.Tensor  # [rows, width] int32; unused entries point at the scratch page
+    length: torch.Tensor  # [rows] int64: tokens cached before the step
+    rope_delta: torch.Tensor  # [rows] int64
+    token: torch.Tensor  # [rows] int64: the tokens the step feeds
+    cu_query_lens: torch.Tensor  # [rows + 1] int32: one query per row
+    key_mass: torch.Tensor  # [rows, width * page_size] float32
     graphs: dict  # key mass on/off -> (CUDAGraph, logits it writes)
+
+
+@dataclass
+class _Run:
+    seqs: list[Sequence]
+    buffers: _Buffers
+    key_mass: torch.Tensor | None
+
+
+def bucket(n: int) -> int:
+    """The smallest power of two >= n: the padded batch size, or block-table width, that a step shape uses."""
+    return 1 << (n - 1).bit_length()
 
 
 class DecodeRunner:
     def __init__(self, model: Qwen3VL, pool: PagePool, kernel_backend: str | None, cuda_graphs: bool = True):
         self.model, self.pool, self.kernel_backend, self.cuda_graphs = model, pool, kernel_backend, cuda_graphs
-        self._buffers: dict[int, _Buffers] = {}
-        self._run: tuple[Sequence, _Buffers, torch.Tensor | None] | None = None
+        self._buffers: dict[tuple[int, int], _Buffers] = {}  # (rows, width) -> buffers
+        self._run: _Run | None = None
         self.steps = 0
 
-    def begin(self, seq: Sequence, rope_delta: int, steps: int, key_mass: torch.Tensor | None = None) -> None:
-        """Prepare up to `steps` steps on `seq`. With key_mass [1, n] float32, the attention each cached key
-        receives is added to it (at `end`)."""
-        seq.reserve(steps)
-        width = max(MIN_WIDTH, 1 << (len(seq.pages) - 1).bit_length())
-        buf = self._buffers.get(width) or self._allocate(width)
-        buf.block_table.zero_()
-        buf.block_table[0, : len(seq.pages)] = torch.tensor(seq.pages, dtype=torch.int32)
-        buf.length.fill_(seq.length)
-        buf.rope_delta.fill_(rope_delta)
+    def begin(self, seqs: list[Sequence], rope_deltas: list[int], steps: int,
+              key_mass: torch.Tensor | None = None) -> None:
+        """Prepare up to `steps` steps on the batch `seqs`. With key_mass [len(seqs), n] float32, the attention
+        each cached key receives is added to it (at `end`)."""
+        for seq in seqs:
+            seq.reserve(steps)
+        rows = bucket(len(seqs))
+        width = max(MIN_WIDTH, bucket(max(len(seq.pages) for seq in seqs)))
+        buf = self._buffers.get((rows, width)) or self._allocate(rows, width)
+        # Built on the host and copied once: padding rows and unused entries read and write the scratch page.
+        table = torch.full((rows, width), self.pool.scratch_page, dtype=torch.int32)
+        lengths = torch.zeros(rows, dtype=torch.long)
+        deltas = torch.zeros(rows, dtype=torch.long)
+        for row, (seq, delta) in enumerate(zip(seqs, rope_deltas)):
+            table[row, : len(seq.pages)] = torch.tensor(seq.pages, dtype=torch.int32)
+            lengths[row], deltas[row] = seq.length, delta
+        buf.block_table.copy_(table)
+        buf.length.copy_(lengths)
+        buf.rope_delta.copy_(deltas)
         if key_mass is not None:
             buf.key_mass.zero_()
-        self._run, self.steps = (seq, buf, key_mass), 0
+        self._run, self.steps = _Run(list(seqs), buf, key_mass), 0
 
-    def step(self, token: torch.Tensor) -> torch.Tensor:
-        """Feed `token` [1] (on the device) at the end of the sequence -> logits [1, vocab] for the next one."""
-        seq, buf, key_mass = self._run
-        buf.token.copy_(token)
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed tokens [batch] (on the device), one to the end of each sequence -> logits [batch, vocab]."""
+        run, batch = self._run, len(self._run.seqs)
+        buf = run.buffers
+        buf.token[:batch].copy_(tokens)
         self.steps += 1
-        with_mass = key_mass is not None
+        with_mass = run.key_mass is not None
         if with_mass not in buf.graphs and self.steps > 1 and self._graphable():
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):  # records the kernels; replay below runs them
@@ -69,29 +96,32 @@ class DecodeRunner:
         if with_mass in buf.graphs:
             graph, logits = buf.graphs[with_mass]
             graph.replay()
-            return logits
-        return self._forward(buf, with_mass)
+        else:
+            logits = self._forward(buf, with_mass)
+        return logits[:batch]
 
     def end(self) -> None:
-        """Count the fed tokens in the host-side sequence and hand out the key mass."""
-        seq, buf, key_mass = self._run
-        seq.length += self.steps
-        if key_mass is not None:
-            n = min(key_mass.shape[1], buf.key_mass.shape[1])
-            key_mass[:, :n] += buf.key_mass[:, :n]
+        """Count the fed tokens in the host-side sequences and hand out the key mass."""
+        run = self._run
+        for seq in run.seqs:
+            seq.length += self.steps
+        if run.key_mass is not None:
+            n = min(run.key_mass.shape[1], run.buffers.key_mass.shape[1])
+            run.key_mass[:, :n] += run.buffers.key_mass[: len(run.seqs), :n]
         self._run = None
 
     def _forward(self, buf: _Buffers, with_mass: bool) -> torch.Tensor:
         page_size = self.pool.page_size
+        rows = torch.arange(buf.length.shape[0], device=buf.length.device)
         meta = AttentionMetadata(
-            slot_mapping=buf.block_table[0, buf.length // page_size].long() * page_size + buf.length % page_size,
+            slot_mapping=buf.block_table[rows, buf.length // page_size].long() * page_size + buf.length % page_size,
             block_tables=buf.block_table,
             seq_lens=(buf.length + 1).int(),
             cu_query_lens=buf.cu_query_lens,
             max_query_len=1,
             key_mass=buf.key_mass if with_mass else None,
         )
-        positions = (buf.length + buf.rope_delta).expand(3, 1)
+        positions = (buf.length + buf.rope_delta).expand(3, -1)
         with use_backend(self.kernel_backend):
             hidden = self.model.language_model(self.model.embed(buf.token), positions, self.pool.kv, meta)
             logits = self.model.logits(hidden)
@@ -100,23 +130,23 @@ class DecodeRunner:
 
     def _graphable(self) -> bool:
         """CUDA graphs need every op capturable: the Triton kernels are; the torch references, which read lengths
-        on the host, are not. The first step of a width runs eagerly, which also compiles the kernels."""
+        on the host, are not. The first step of a shape runs eagerly, which also compiles the kernels."""
         device = self.pool.kv.device
         if not self.cuda_graphs or device.type != "cuda":
             return False
         with use_backend(self.kernel_backend):
             return implementation(device) == "triton"
 
-    def _allocate(self, width: int) -> _Buffers:
+    def _allocate(self, rows: int, width: int) -> _Buffers:
         device = self.pool.kv.device
         buf = _Buffers(
-            block_table=torch.zeros(1, width, dtype=torch.int32, device=device),
-            length=torch.zeros(1, dtype=torch.long, device=device),
-            rope_delta=torch.zeros(1, dtype=torch.long, device=device),
-            token=torch.zeros(1, dtype=torch.long, device=device),
-            cu_query_lens=torch.tensor([0, 1], dtype=torch.int32, device=device),
-            key_mass=torch.zeros(1, width * self.pool.page_size, dtype=torch.float32, device=device),
+            block_table=torch.zeros(rows, width, dtype=torch.int32, device=device),
+            length=torch.zeros(rows, dtype=torch.long, device=device),
+            rope_delta=torch.zeros(rows, dtype=torch.long, device=device),
+            token=torch.zeros(rows, dtype=torch.long, device=device),
+            cu_query_lens=torch.arange(rows + 1, dtype=torch.int32, device=device),
+            key_mass=torch.zeros(rows, width * self.pool.page_size, dtype=torch.float32, device=device),
             graphs={},
         )
-        self._buffers[width] = buf
+        self._buffers[rows, width] = buf
         return buf

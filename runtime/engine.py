@@ -140,11 +140,15 @@ class Engine:
     def generate(self, messages: list[dict] | None = None, sampling: SamplingParams | None = None, *,
                  prompt_token_ids: list[int] | None = None, images: list | None = None) -> GenerateOutput:
         """Generate a reply to chat `messages` (or to ready `prompt_token_ids` with `images`)."""
-        timings = Timings()
-        prompt = self.prepare(messages, prompt_token_ids, images)
-        ids = list(self._tokens(prompt, sampling, timings))
-        text_ids, finished = self.without_stop(ids, sampling)
-        return GenerateOutput(self.tokenizer.decode(text_ids), ids, "stop" if finished else "length", timings)
+        return self._generate([self.prepare(messages, prompt_token_ids, images)], sampling)[0]
+
+    def generate_batch(self, requests: list[list[dict] | Prompt], sampling: SamplingParams | None = None
+                       ) -> list[GenerateOutput]:
+        """Generate a reply to each request (chat messages, or a Prompt from `prepare`), decoding them together:
+        each step feeds one token to every unfinished reply. Every request is checked before any work; the
+        sampling params are shared. A reply's tokens are those it would get alone under greedy decoding."""
+        prompts = [r if isinstance(r, Prompt) else self.prepare(r) for r in requests]
+        return self._generate(prompts, sampling) if prompts else []
 
     def stream(self, messages: list[dict] | None = None, sampling: SamplingParams | None = None, *,
                prompt_token_ids: list[int] | None = None, images: list | None = None) -> Iterator[str]:
@@ -152,12 +156,13 @@ class Engine:
         prompt = self.prepare(messages, prompt_token_ids, images)
         stop_ids = self.stop_ids(sampling)
         detok = IncrementalDetokenizer(self.tokenizer, prompt.token_ids)
-        for token in self._tokens(prompt, sampling, Timings()):
-            if token in stop_ids:
-                break
-            piece = detok.add(token)
-            if piece:
-                yield piece
+        for (chunk,) in self._token_chunks([prompt], sampling, [Timings()]):
+            for token in chunk:
+                if token in stop_ids:
+                    break
+                piece = detok.add(token)
+                if piece:
+                    yield piece
         tail = detok.flush()  # text held back waiting for the rest of a character that never came
         if tail:
             yield tail
@@ -223,69 +228,107 @@ class Engine:
 
     def decode(self, seq: Sequence, logits: torch.Tensor, params: SamplingParams, rope_delta: int,
                timings: Timings, key_mass: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
-        """Sample from the prefill's last logits, then feed each token back, until a stop id or params.max_tokens.
-        Yields the tokens as device tensors, a few at a time: the stop check runs on the device and the host reads
-        it every `poll_every` tokens (a token past a stop is computed but never yielded). With key_mass
-        [1, >= final length] float32, every step adds the attention each cached key receives (summed over heads
-        and layers); it then polls every token, so that no step past the stop adds to it."""
+        """`decode_batch` for one sequence: yields its token chunks."""
+        for (chunk,) in self.decode_batch([seq], logits, params, [rope_delta], [timings], key_mass):
+            yield chunk
+
+    def decode_batch(self, seqs: list[Sequence], logits: torch.Tensor, params: SamplingParams,
+                     rope_deltas: list[int], timings: list[Timings], key_mass: torch.Tensor | None = None
+                     ) -> Iterator[list[torch.Tensor]]:
+        """Sample from the prefills' last logits [B, vocab], then feed each sequence its token back, until every
+        sequence has met a stop id or params.max_tokens. Yields, a few steps at a time, one device tensor of new
+        tokens per sequence (empty once it has stopped): the stop checks run on the device and the host reads them
+        every `poll_every` steps (tokens past a stop are computed but never yielded). With key_mass
+        [B, >= final length] float32, every step adds the attention each cached key receives (summed over heads
+        and layers); it then polls every step, so that no step past a stop adds to it."""
+        batch = len(seqs)
         stops = torch.tensor(sorted(self.stop_ids(params)), dtype=torch.long, device=self.device)
         poll = 1 if key_mass is not None else self.poll_every
         generator = self._generator if params.seed is None else torch.Generator(self.device).manual_seed(params.seed)
-        out = torch.empty(params.max_tokens, dtype=torch.long, device=self.device)
-        stopped = torch.zeros(1, dtype=torch.bool, device=self.device)
+        out = torch.empty(batch, params.max_tokens, dtype=torch.long, device=self.device)
+        stopped = torch.zeros(batch, dtype=torch.bool, device=self.device)
         start = self.now()
-        emitted = 0  # tokens yielded so far
-        self.decoder.begin(seq, rope_delta, params.max_tokens - 1, key_mass)
+        emitted = [0] * batch  # tokens yielded so far, per sequence
+        finished = [False] * batch  # a stop token was yielded
+        self.decoder.begin(seqs, rope_deltas, params.max_tokens - 1, key_mass)
         try:
             with torch.inference_mode():
-                token = sample(logits, params, generator)
+                tokens = sample(logits, params, generator)
                 for count in range(1, params.max_tokens + 1):
-                    out[count - 1 : count] = token
-                    stopped |= torch.isin(token, stops)
+                    out[:, count - 1] = tokens
+                    stopped |= torch.isin(tokens, stops)
                     if count == params.max_tokens or count % poll == 0:
-                        end, done = self._poll(out, emitted, count, stopped, stops)
-                        timings.output_tokens = end
-                        timings.decode_s = self.now() - start
-                        yield out[emitted:end]
-                        emitted = end
-                        if done or count == params.max_tokens:
+                        chunks = self._poll(out, emitted, finished, count, stopped, stops)
+                        elapsed = self.now() - start
+                        for b, chunk in enumerate(chunks):
+                            if len(chunk):
+                                timings[b].output_tokens, timings[b].decode_s = emitted[b], elapsed
+                        yield chunks
+                        if all(finished) or count == params.max_tokens:
                             return
-                    token = sample(self.decoder.step(token), params, generator)
+                    tokens = sample(self.decoder.step(tokens), params, generator)
                     self.stats.decode_steps += 1
         finally:
             self.decoder.end()
 
     @staticmethod
-    def _poll(out: torch.Tensor, emitted: int, count: int, stopped: torch.Tensor,
-              stops: torch.Tensor) -> tuple[int, bool]:
-        """(where the tokens to yield end: `count`, or just after the first stop token in out[emitted:count];
-        whether a stop came). The one host read of the device state per poll."""
-        done = bool(stopped)
-        if done:
-            count = emitted + int(torch.isin(out[emitted:count], stops).int().argmax()) + 1
-        return count, done
+    def _poll(out: torch.Tensor, emitted: list[int], finished: list[bool], count: int, stopped: torch.Tensor,
+              stops: torch.Tensor) -> list[torch.Tensor]:
+        """The new tokens of each sequence, out[b, emitted[b]:end]: end is `count`, or just after the first stop
+        token once one came. Advances `emitted` and `finished`. The one host read of the stop flags per poll."""
+        chunks = []
+        for b, done in enumerate(stopped.tolist()):
+            end = emitted[b] if finished[b] else count
+            if done and not finished[b]:
+                end = emitted[b] + int(torch.isin(out[b, emitted[b]:count], stops).int().argmax()) + 1
+                finished[b] = True
+            chunks.append(out[b, emitted[b]:end])
+            emitted[b] = end
+        return chunks
 
     # ---- internals ---------------------------------------------------------------------------------------------
-    def _tokens(self, prompt: Prompt, sampling: SamplingParams | None, timings: Timings) -> Iterator[int]:
-        """Encode images, prefill, then decode token by token until a stop id or max_tokens. Pages are released
-        when the generator ends, however it ends."""
+    def _generate(self, prompts: list[Prompt], sampling: SamplingParams | None) -> list[GenerateOutput]:
+        timings = [Timings() for _ in prompts]
+        ids: list[list[int]] = [[] for _ in prompts]
+        for chunks in self._token_chunks(prompts, sampling, timings):
+            for row, chunk in zip(ids, chunks):
+                row += chunk
+        outputs = []
+        for row, t in zip(ids, timings):
+            text_ids, finished = self.without_stop(row, sampling)
+            outputs.append(GenerateOutput(self.tokenizer.decode(text_ids), row, "stop" if finished else "length", t))
+        return outputs
+
+    def _token_chunks(self, prompts: list[Prompt], sampling: SamplingParams | None,
+                      timings: list[Timings]) -> Iterator[list[list[int]]]:
+        """Encode each prompt's images and prefill it, then decode the batch until every reply has met a stop id
+        or max_tokens; yields each reply's new token ids per poll. Pages are released when the generator ends,
+        however it ends."""
         params = (sampling or SamplingParams()).resolve(self.sampling_defaults)
-        self.check_fits(len(prompt.token_ids) + params.max_tokens, len(prompt.token_ids) + params.max_tokens)
-        seq = Sequence(self.pool)
-        timings.prompt_tokens = len(prompt.token_ids)
+        totals = [len(p.token_ids) + params.max_tokens for p in prompts]
+        size = self.pool.page_size
+        self.check_fits(max(totals), sum(-(-total // size) * size for total in totals))
+        seqs = [Sequence(self.pool) for _ in prompts]
         try:
-            start = self.now()
-            vision = self.encode_images(prompt.images) if prompt.images else None
-            prefill_start = self.now()
-            timings.vision_s = prompt.preprocess_s + prefill_start - start
-            timings.image_tokens = sum(vision.tokens_per_image) if vision else 0
-            ids = torch.tensor(prompt.token_ids, device=self.device)
-            logits = self.prefill(seq, ids, prompt.positions, vision)
-            timings.prefill_s = self.now() - prefill_start
-            for chunk in self.decode(seq, logits, params, prompt.rope_delta, timings):
-                yield from chunk.tolist()
+            logits = [self._prefill_prompt(seq, prompt, t) for seq, prompt, t in zip(seqs, prompts, timings)]
+            deltas = [p.rope_delta for p in prompts]
+            for chunks in self.decode_batch(seqs, torch.cat(logits), params, deltas, timings):
+                yield [chunk.tolist() for chunk in chunks]
         finally:
-            seq.release()
+            for seq in seqs:
+                seq.release()
+
+    def _prefill_prompt(self, seq: Sequence, prompt: Prompt, timings: Timings) -> torch.Tensor:
+        """Encode the prompt's images and prefill it into `seq` -> the last position's logits [1, vocab]."""
+        timings.prompt_tokens = len(prompt.token_ids)
+        start = self.now()
+        vision = self.encode_images(prompt.images) if prompt.images else None
+        prefill_start = self.now()
+        timings.vision_s = prompt.preprocess_s + prefill_start - start
+        timings.image_tokens = sum(vision.tokens_per_image) if vision else 0
+        logits = self.prefill(seq, torch.tensor(prompt.token_ids, device=self.device), prompt.positions, vision)
+        timings.prefill_s = self.now() - prefill_start
+        return logits
 
     def _forward(self, seq: Sequence, ids: torch.Tensor, positions: torch.Tensor,
                  image_embeds: torch.Tensor | None = None, visual: VisualTokens | None = None) -> torch.Tensor:
@@ -324,14 +367,17 @@ class Engine:
 
     def check_fits(self, total: int, new: int) -> None:
         """Refuse, before any work, a sequence that would reach `total` tokens (prompt + max_tokens) with `new` of
-        them needing fresh cache pages: beyond the model's context or the cache's free pages."""
+        them needing fresh cache pages (a batch: the sum over its sequences, each rounded up to whole pages):
+        beyond the model's context or the cache's free pages."""
         limit = self.model.config.text.max_position_embeddings
         if total > limit:
             raise InputError(f"prompt + max_tokens = {total} tokens exceeds the model's context of {limit} tokens")
-        free = self.pool.free_pages * self.pool.page_size
-        if new > free:
-            raise InputError(f"prompt + max_tokens needs {new} tokens of KV cache, more than the {free} free "
-                             f"(capacity {self.pool.capacity_tokens}; raise kv_cache_tokens or lower max_tokens)")
+        size = self.pool.page_size
+        pages = -(-new // size)
+        if pages > self.pool.free_pages:
+            raise InputError(f"prompt + max_tokens needs {pages * size} tokens of KV cache ({pages} pages of {size}), "
+                             f"more than the {self.pool.free_pages * size} free (capacity {self.pool.capacity_tokens}; "
+                             f"raise kv_cache_tokens or lower max_tokens)")
 
     def now(self) -> float:
         """A clock reading after the device has finished this stream's work (see device_clock)."""

@@ -22,10 +22,14 @@ class PagePool:
     def __init__(self, config: TextConfig, num_pages: int, page_size: int, device: torch.device, dtype: torch.dtype):
         self.page_size = page_size
         self.num_pages = num_pages
-        # [layers, k/v, pages, page_size, kv_heads, head_dim]: one tensor, so one allocation at start-up.
+        # [layers, k/v, pages, page_size, kv_heads, head_dim]: one tensor, so one allocation at start-up. One page
+        # more than asked for: the scratch page, never handed out, where padded rows of a batched step write.
         self.kv = torch.empty(
-            config.num_layers, 2, num_pages, page_size, config.num_kv_heads, config.head_dim, device=device, dtype=dtype
+            config.num_layers, 2, num_pages + 1, page_size, config.num_kv_heads, config.head_dim, device=device,
+            dtype=dtype,
         )
+        self.scratch_page = num_pages
+        self.kv[:, :, self.scratch_page].zero_()  # padded rows read it: keep their (unread) outputs finite
         self._free = list(range(num_pages - 1, -1, -1))
         self._refs = [0] * num_pages
 

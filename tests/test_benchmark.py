@@ -26,11 +26,13 @@ from tandem.runtime.pipeline import POLICIES
 LENGTHS = [1, 3, 8]
 IMAGE_SIZES = [224, 320]
 PROMPT_LENGTHS = [64, 160]
+BATCH_SIZES, BATCH_TOKENS = [1, 3], 5
 SHORT, REASON = 3, 12  # not the defaults, so a forced length cannot be a coincidence
 ARGS = ["bench", "--quick", "--preset", "2b-like", "--pair", "8b-like,2b-like", "--device", "cpu", "--dtype", "float32",
         "--repeats", "2", "--lengths", ",".join(map(str, LENGTHS)), "--image-sizes", ",".join(map(str, IMAGE_SIZES)),
         "--prompt-lengths", ",".join(map(str, PROMPT_LENGTHS)), "--short-tokens", str(SHORT),
-        "--reason-tokens", str(REASON)]
+        "--reason-tokens", str(REASON), "--batch-sizes", ",".join(map(str, BATCH_SIZES)),
+        "--batch-tokens", str(BATCH_TOKENS)]
 
 
 def _run(args: list[str]) -> tuple[int, str]:
@@ -113,6 +115,9 @@ def test_lengths_sizes_and_prompts_are_as_requested(run):
     assert vision["sizes"] == IMAGE_SIZES and len(vision["columns"]["hf_eager"]["ms"]) == len(IMAGE_SIZES)
     assert vision["resized"] == [[256, 256], [320, 320]]  # 224 is below Qwen3-VL's min_pixels: scaled up, and said so
     assert vision["image_tokens"] == [64, 100]
+    tandem = vision["columns"]["tandem"]
+    assert len(tandem["first_token_ms"]) == len(IMAGE_SIZES)
+    assert [len(x) for x in tandem["first_token_samples_ms"]] == [2] * len(IMAGE_SIZES)
 
 
 def test_forced_lengths_were_produced(run):
@@ -148,6 +153,17 @@ def test_ratios_are_value_over_floor(run):
         column = data["decode"]["columns"][key]
         for value, ratio in zip(column["per_token_ms"], column["ratio_to_floor"]):
             assert ratio == (None if value is None else pytest.approx(value / floor["ms_per_token"], rel=1e-12))
+
+
+def test_batch_part_reports_each_batch_size(run):
+    batch, floor = run["data"]["batch"], run["data"]["floor"]["ms_per_token"]
+    assert batch["batch_sizes"] == BATCH_SIZES and batch["output_tokens"] == BATCH_TOKENS
+    assert batch["tokens"] == [[BATCH_TOKENS]] * len(BATCH_SIZES)  # every row decoded exactly the forced length
+    for B, ms, ratio, rate, samples in zip(BATCH_SIZES, batch["step_ms"], batch["ratio_to_floor"],
+                                           batch["tokens_per_s"], batch["samples"]["step_ms"]):
+        assert ratio == pytest.approx(ms / floor) and rate == pytest.approx(1000 * B / ms)
+        assert len(samples) == 2 and ms == pytest.approx(sorted(samples)[0] / 2 + sorted(samples)[1] / 2)
+    assert "Decode ms per step, Tandem, one token for each of B sequences" in run["printed"]
 
 
 def test_floor_counts_the_weights_a_decode_step_reads(run):
@@ -223,7 +239,7 @@ def test_summary_names_device_and_dtype_on_every_table(run):
     summary = (run["folder"] / "summary.txt").read_text()
     assert summary.splitlines()[0].startswith("Tandem latency benchmark on cpu (")
     titles = [line for line in summary.splitlines() if line.startswith(("Decode", "Prefill", "Vision", "Policies"))]
-    assert len(titles) == 5
+    assert len(titles) == 6
     for title in titles:
         assert ", float32" in title and "on cpu (" in title, title
     assert "transformers 5." in summary and "command: tandem bench" in summary

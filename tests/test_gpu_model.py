@@ -44,16 +44,17 @@ def test_bfloat16_top1_agrees_with_transformers(real_2b):
     assert ours[-1].argmax() == ref[-1].argmax()
 
 
+@pytest.mark.parametrize("batch", [1, 3, 8])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_cuda_graph_decode_equals_eager_decode(tiny_8b, dtype):
-    """Greedy tokens with every decode step replayed from a CUDA graph equal those of eager steps; the second
-    request replays graphs captured by the first."""
+def test_cuda_graph_decode_equals_eager_decode(tiny_8b, dtype, batch):
+    """Greedy tokens with every decode step replayed from a CUDA graph equal those of eager steps, at batch 1, 3
+    (padded to 4) and 8; the second request replays graphs captured by the first."""
     greedy = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
-    prompt = messages("What is in this picture?", (300, 260))
+    requests = [messages(f"What is in picture {i}?", (300 - 16 * i, 260 + 8 * i)) for i in range(batch)]
     outs = {}
     for graphs in (False, True):
-        engine = Engine.from_pretrained(tiny_8b, device="cuda", dtype=dtype, kv_cache_tokens=4096,
+        engine = Engine.from_pretrained(tiny_8b, device="cuda", dtype=dtype, kv_cache_tokens=16384,
                                         kernel_backend="triton", cuda_graphs=graphs)
-        outs[graphs] = [engine.generate(prompt, greedy).token_ids for _ in range(2)]
+        outs[graphs] = [[o.token_ids for o in engine.generate_batch(requests, greedy)] for _ in range(2)]
         assert bool(engine.decoder._buffers) and any(b.graphs for b in engine.decoder._buffers.values()) == graphs
     assert outs[True] == outs[False]

@@ -1,0 +1,143 @@
+"""Batched decoding: several requests decoded together, each step one token for every unfinished reply.
+
+Padded to a power of two, a batch's extra rows write into the pool's scratch page: every real reply must be the one
+it gets alone (and, for text prompts, the one transformers generates), whatever the batch size and stop points.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import Qwen3VLForConditionalGeneration
+
+from tandem.models.errors import InputError
+from tandem.runtime import Engine, SamplingParams, Timings
+from tandem.runtime.kv_cache import Sequence
+
+from conftest import random_image
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+
+
+def image_message(question: str, h: int, w: int) -> list[dict]:
+    content = [{"type": "image", "image": random_image(h, w, seed=h + w)}, {"type": "text", "text": question}]
+    return [{"role": "user", "content": content}]
+
+
+def text_message(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+REQUESTS = [
+    text_message("hello"),
+    image_message("What is in this picture?", 240, 300),
+    text_message("Write a long and detailed story about a lighthouse keeper and the sea."),
+    image_message("Describe it.", 200, 420),
+    text_message("2 + 2 = ?"),
+]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_8b) -> Engine:
+    return Engine.from_pretrained(tiny_8b, device="cpu", dtype="float32", kv_cache_tokens=8192)
+
+
+@pytest.fixture(scope="module")
+def alone(engine) -> list[list[int]]:
+    return [engine.generate(r, GREEDY).token_ids for r in REQUESTS]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5])
+def test_each_reply_is_the_one_it_gets_alone(engine, alone, size):
+    """Batches of 1, 2, 3 (one padding row) and 5 (three padding rows), mixing image and text prompts of
+    different lengths."""
+    outs = engine.generate_batch(REQUESTS[:size], GREEDY)
+    assert [o.token_ids for o in outs] == alone[:size]
+    assert all(o.finish_reason == "length" and o.timings.output_tokens == 10 for o in outs)
+    assert engine.pool.pages_in_use == 0
+
+
+def test_text_replies_match_transformers_generate(engine, tiny_8b):
+    reference = Qwen3VLForConditionalGeneration.from_pretrained(tiny_8b, dtype=torch.float32).eval()
+    prompts = [engine.prepare(r) for r in (REQUESTS[0], REQUESTS[2], REQUESTS[4])]
+    outs = engine.generate_batch(prompts, GREEDY)
+    for prompt, out in zip(prompts, outs):
+        ids = torch.tensor([prompt.token_ids])
+        with torch.no_grad():
+            ref = reference.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
+                                     min_new_tokens=10, do_sample=False, temperature=None, top_p=None, top_k=None)
+        assert out.token_ids == ref[0, ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("poll", [1, 3, 8])
+def test_replies_stop_at_their_own_stop_tokens(engine, alone, poll):
+    """A stop token that each reply meets at a different step (or never): each reply ends at its first one, the
+    others go on, and how often the host polls changes nothing."""
+    stop = alone[1][3]
+    params = SamplingParams(max_tokens=10, temperature=0.0, stop_token_ids=(stop,), ignore_eos=True)
+    expected = [engine.generate(r, params) for r in REQUESTS[:4]]
+    assert expected[1].finish_reason == "stop" and len({len(e.token_ids) for e in expected}) > 1
+    engine.poll_every = poll
+    try:
+        outs = engine.generate_batch(REQUESTS[:4], params)
+    finally:
+        engine.poll_every = 1
+    for out, exp in zip(outs, expected):
+        assert (out.token_ids, out.finish_reason, out.text) == (exp.token_ids, exp.finish_reason, exp.text)
+        assert out.timings.output_tokens == len(exp.token_ids)
+    assert engine.pool.pages_in_use == 0
+
+
+def test_key_mass_of_a_batch_is_each_sequences_own(engine):
+    """decode_batch's key mass rows equal those of each sequence decoded alone."""
+    prompts = [engine.prepare(r) for r in (REQUESTS[0], REQUESTS[1], REQUESTS[2])]
+    params = GREEDY.resolve(engine.sampling_defaults)
+
+    def decode(group):
+        seqs = [Sequence(engine.pool) for _ in group]
+        try:
+            logits = torch.cat([engine._prefill_prompt(s, p, Timings()) for s, p in zip(seqs, group)])
+            mass = torch.zeros(len(group), max(len(p.token_ids) for p in group) + 10)
+            chunks = list(engine.decode_batch(seqs, logits, params, [p.rope_delta for p in group],
+                                              [Timings() for _ in group], key_mass=mass))
+            return mass, [torch.cat([c[b] for c in chunks]).tolist() for b in range(len(group))]
+        finally:
+            for s in seqs:
+                s.release()
+
+    together, tokens = decode(prompts)
+    for b, prompt in enumerate(prompts):
+        own, own_tokens = decode([prompt])
+        assert tokens[b] == own_tokens[0]
+        n = own.shape[1]
+        torch.testing.assert_close(together[b, :n], own[0], rtol=1e-5, atol=1e-6)
+        assert own[0].sum() > 0 and not together[b, n:].any()
+
+
+def test_a_bad_request_refuses_the_whole_batch_before_any_work(engine, alone):
+    steps = engine.stats.decode_steps
+    with pytest.raises(InputError, match="nope.png"):
+        engine.generate_batch([REQUESTS[0], [{"role": "user", "content": [{"type": "image", "image": "nope.png"}]}]])
+    each_fits = SamplingParams(max_tokens=engine.pool.capacity_tokens // 2, temperature=0.0)  # but not both
+    with pytest.raises(InputError, match="tokens of KV cache"):
+        engine.generate_batch(REQUESTS[:2], each_fits)
+    assert engine.stats.decode_steps == steps and engine.pool.pages_in_use == 0
+    assert engine.generate_batch(REQUESTS[:2], GREEDY)[1].token_ids == alone[1]
+    assert engine.generate_batch([], GREEDY) == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs CUDA or Triton's CPU interpreter")
+def test_triton_batch_equals_torch_batch(tiny_2b):
+    """The Triton kernels on a padded batch (3 requests in 4 rows) give the torch references' tokens."""
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    requests = [text_message("hi"), image_message("What?", 64, 96), text_message("Count to ten, slowly.")]
+    tokens = {}
+    for backend in ("torch", "triton"):
+        engine = Engine.from_pretrained(tiny_2b, device="cuda" if torch.cuda.is_available() else "cpu",
+                                        dtype="float32", kv_cache_tokens=1024,
+                                        kernel_backend=backend)
+        tokens[backend] = [o.token_ids for o in engine.generate_batch(requests, params)]
+    assert tokens["triton"] == tokens["torch"]
