@@ -93,10 +93,16 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta)
-        normed, x = self.post_attention_layernorm(attn, residual=x)
-        return x + self.mlp(normed)
+    def forward(self, x, residual, cos, sin, k_cache, v_cache, meta: AttentionMetadata):
+        """(x, residual) -> (this layer's MLP output, the residual stream before it); their sum is the layer's
+        output. The sum is left to the next layer's first norm, which fuses the add (one kernel fewer per layer)."""
+        if residual is None:
+            normed, residual = self.input_layernorm(x), x
+        else:
+            normed, residual = self.input_layernorm(x, residual=residual)
+        attn = self.self_attn(normed, cos, sin, k_cache, v_cache, meta)
+        normed, residual = self.post_attention_layernorm(attn, residual=residual)
+        return self.mlp(normed), residual
 
 
 @dataclass
@@ -127,11 +133,14 @@ class TextDecoder(nn.Module):
         kv_cache [layers, 2, pages, page_size, kv_heads, head_dim] receives the new tokens' K/V.
         """
         cos, sin = rotary_cos_sin(positions, self.rotary_inv_freq, self.rotary_axes)
+        residual = None
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, kv_cache[i, 0], kv_cache[i, 1], meta)
+            x, residual = layer(x, residual, cos, sin, kv_cache[i, 0], kv_cache[i, 1], meta)
             if visual is not None and i < len(visual.deepstack):
-                x = x.index_put((visual.mask,), visual.deepstack[i].to(x.dtype), accumulate=True)
-        return self.norm(x)
+                # DeepStack adds to the layer's output: form it here, in the reference's order of additions.
+                x = (residual + x).index_put((visual.mask,), visual.deepstack[i].to(x.dtype), accumulate=True)
+                residual = None
+        return self.norm(x) if residual is None else self.norm(x, residual=residual)[0]
 
 
 class Qwen3VL(nn.Module):
