@@ -135,6 +135,14 @@ def _policy_table(result: dict) -> list[str]:
         if r["branches"]:
             lines.append(f"{'':>12} | {'':>10} | branch: " + ", ".join(f"{k} ({n} of {len(r['runs'])} runs)"
                                                                       for k, n in r["branches"].items()))
+    verify, sequential, small = (p["results"].get(k) for k in ("verify", "verify (sequential)", "small-reason"))
+    if verify and verify["verdict_ms"] and small:
+        lines.append(f"verify verdict (its whole cost when the answers agree): {verify['verdict_ms']:.1f} ms = "
+                     f"{verify['verdict_ms'] / small['total_ms']:.3f} x small-reason's {small['total_ms']:.1f} ms")
+    if verify and sequential and verify["verdict_ms"] and sequential["verdict_ms"]:
+        how = "two CUDA streams" if p["verify_overlap"] else "overlap off here: both rows sequential"
+        lines.append(f"verify's first two stages at once ({how}): verdict {verify['verdict_ms']:.1f} ms vs "
+                     f"{sequential['verdict_ms']:.1f} ms one after the other")
     return lines
 
 

@@ -41,6 +41,10 @@ Columns:
 - policies: `Tandem(large, small, budget=Budget(short, reason, temperature=0, ignore_eos=True))`, every policy on one
   square image, a fresh image (same size, other pixels) for every run so the vision cache never hits. Total = the
   synchronised wall time of `answer()`; per stage its own vision / prefill / decode seconds and token counts.
+  verify also reports its verdict time (TandemResult.verdict_s: from the call to the agreement check, what the whole
+  request costs when the answers agree; random models rarely agree, so the transfer stage usually runs after it),
+  and runs a second time with its two first stages one after the other ("verify (sequential)"): the gain of
+  running them at once on two CUDA streams (on the CPU both rows run sequentially).
 """
 
 from __future__ import annotations
@@ -79,6 +83,7 @@ from tandem.runtime.pipeline import POLICIES, Budget, Tandem
 from tandem.runtime.sampling import SamplingParams, checkpoint_defaults
 
 PARTS = ("decode", "batch", "prefill", "vision", "policies")
+SEQUENTIAL_VERIFY = "verify (sequential)"  # verify with its two first stages one after the other: the overlap's gain
 FULL_LENGTHS = tuple(2**i for i in range(11))  # 1 .. 1024 output tokens
 QUICK_LENGTHS = (1, 4, 16)
 FULL_IMAGE_SIZES = (224, 448, 672, 896, 1120, 1344)
@@ -236,7 +241,7 @@ def _planned_runs(s: BenchSettings) -> int:
     if "vision" in s.parts:
         total += (2 + hf) * per_config * len(s.image_sizes)
     if "policies" in s.parts:
-        total += 2 + len(POLICIES) * per_config
+        total += 2 + (len(POLICIES) + 1) * per_config
     return total
 
 
@@ -605,22 +610,24 @@ def bench_policies(s: BenchSettings, files: Path, progress: Progress) -> dict:
         progress.step(f"built {role} {name}")
     budget = Budget(short_tokens=s.short_tokens, reason_tokens=s.reason_tokens, temperature=0.0, ignore_eos=True)
     pair = Tandem(built[0].engine, built[1].engine, budget=budget)
+    overlap = pair.overlap  # the default where the run happens (two CUDA streams on a GPU)
     engine = built[0].engine
-    runs: dict[str, list[dict]] = {p: [] for p in POLICIES}
+    runs: dict[str, list[dict]] = {p: [] for p in (*POLICIES, SEQUENTIAL_VERIFY)}
     for i in range(1 + s.repeats):
-        for j, policy in enumerate(POLICIES):
+        for j, name in enumerate(runs):
             image = bench_image(s.policy_image_size, s.seed + 1000 * (i + 1) + j)  # new pixels: the vision cache misses
+            pair.overlap = overlap and name != SEQUENTIAL_VERIFY
             start = engine.now()
-            result = pair.answer(image, QUESTION, policy=policy)
+            result = pair.answer(image, QUESTION, policy=name.removesuffix(" (sequential)"))
             total = engine.now() - start
             if i:
-                runs[policy].append(_policy_run(result, total, budget))
-            progress.step(f"policy {policy}" + ("" if i else " (warm-up)"))
+                runs[name].append(_policy_run(result, total, budget))
+            progress.step(f"policy {name}" + ("" if i else " (warm-up)"))
     results = {p: _policy_summary(r) for p, r in runs.items()}
     del pair, built, engine
     _free(device)
     return {"large": large_name, "small": small_name, "budget": asdict(budget), "question": QUESTION,
-            "image_size": [s.policy_image_size, s.policy_image_size], "results": results}
+            "image_size": [s.policy_image_size, s.policy_image_size], "verify_overlap": overlap, "results": results}
 
 
 def _policy_run(result, total_s: float, budget: Budget) -> dict:
@@ -640,7 +647,8 @@ def _policy_run(result, total_s: float, budget: Budget) -> dict:
     branch = None
     if result.agreed is not None:
         branch = "agreed: no transfer stage" if result.agreed else "disagreed: transfer stage ran"
-    return {"total_ms": 1000 * total_s, "branch": branch, "stages": stages}
+    verdict_ms = None if result.verdict_s is None else 1000 * result.verdict_s
+    return {"total_ms": 1000 * total_s, "verdict_ms": verdict_ms, "branch": branch, "stages": stages}
 
 
 def _policy_summary(runs: list[dict]) -> dict:
@@ -659,7 +667,7 @@ def _policy_summary(runs: list[dict]) -> dict:
         stages.append(stage)
     branches = Counter(r["branch"] for r in runs if r["branch"] is not None)
     return {"total_ms": median([r["total_ms"] for r in runs]), "total_samples_ms": [r["total_ms"] for r in runs],
-            "branches": dict(branches), "stage_runs": len(same), "stages": stages, "runs": runs}
+            "verdict_ms": median([r.get("verdict_ms") for r in runs]), "branches": dict(branches), "stage_runs": len(same), "stages": stages, "runs": runs}
 
 
 # ---- the whole run -----------------------------------------------------------------------------------------------

@@ -90,11 +90,12 @@ class TandemResult:
     stages: list[Stage]
     agreed: bool | None = None  # verify: did the cheap answers agree (so no transfer stage ran)?
     total_s: float = 0.0
+    verdict_s: float | None = None  # verify: seconds to the agreement check (the whole cost when they agree)
 
     @property
     def timings(self) -> dict[str, float]:
         sums = {k: sum(getattr(s, k) for s in self.stages) for k in ("vision_s", "prefill_s", "decode_s")}
-        return {**sums, "total_s": self.total_s}
+        return {**sums, "total_s": self.total_s, "verdict_s": self.verdict_s}
 
     def to_json(self) -> str:
         stages = [{**asdict(s), "kept_fraction": s.kept_fraction} for s in self.stages]
@@ -119,6 +120,7 @@ class _Request:
     image: torch.Tensor  # decoded uint8 [3, H, W] on the CPU
     digest: str
     question: str
+    start: float  # time.perf_counter() when the request came in
     inputs: dict = field(default_factory=dict)  # ImageProcessorConfig -> ImageInputs: preprocessed at most once
     prefixes: dict[str, _Prefix] = field(default_factory=dict)  # model -> its prefix in this request
     chat: dict[str, tuple[str, str]] = field(default_factory=dict)  # model -> chat template around the question
@@ -166,7 +168,7 @@ class Tandem:
             raise InputError("the question is empty")
         start = time.perf_counter()
         pixels = load_image(image)
-        request = _Request(pixels, image_digest(pixels), question.strip())
+        request = _Request(pixels, image_digest(pixels), question.strip(), start)
         try:
             result = self._run_policy(request, policy, keep, delta)
         finally:
@@ -189,10 +191,11 @@ class Tandem:
             return TandemResult(transfer.answer, policy, [reasoning[0], transfer])
         short, reasoning = self._both(request, lambda: self._short(request, "large"),
                                       lambda: self._reason(request, "small", scored=keep == "attention"))
+        verdict_s = time.perf_counter() - request.start  # both stages' tokens are on the host: their work is done
         if answers_agree(short.text, reasoning[0].text):
-            return TandemResult(short.answer, policy, [short, reasoning[0]], agreed=True)
+            return TandemResult(short.answer, policy, [short, reasoning[0]], agreed=True, verdict_s=verdict_s)
         transfer = self._transfer(request, reasoning, delta)
-        return TandemResult(transfer.answer, policy, [short, reasoning[0], transfer], agreed=False)
+        return TandemResult(transfer.answer, policy, [short, reasoning[0], transfer], agreed=False, verdict_s=verdict_s)
 
     def _both(self, request: _Request, large_stage, small_stage) -> tuple:
         """Run a large-model stage and a small-model stage, at once when self.overlap. Both prefixes are built

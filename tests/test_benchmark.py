@@ -126,12 +126,22 @@ def test_forced_lengths_were_produced(run):
         assert decode["columns"][key]["tokens"] == [[n] for n in LENGTHS], key
     policies = run["data"]["policies"]
     assert policies["budget"]["short_tokens"] == SHORT and policies["budget"]["reason_tokens"] == REASON
-    assert list(policies["results"]) == list(POLICIES)
+    assert list(policies["results"]) == [*POLICIES, "verify (sequential)"]
     for name, result in policies["results"].items():
         for one in result["runs"]:
             for stage in one["stages"]:
                 expected = REASON if stage["role"] == "reason" else SHORT
                 assert stage["output_tokens"] == stage["expected_tokens"] == expected, (name, stage)
+
+
+def test_verify_reports_its_verdict_time_and_the_sequential_run(run):
+    policies = run["data"]["policies"]
+    assert policies["verify_overlap"] is False  # the CPU default: both verify rows run their stages in turn
+    for name in ("verify", "verify (sequential)"):
+        for one in policies["results"][name]["runs"]:
+            assert 0 < one["verdict_ms"] <= one["total_ms"]
+    assert all(one["verdict_ms"] is None for one in policies["results"]["small-reason"]["runs"])
+    assert "verify verdict (its whole cost when the answers agree)" in run["printed"]
 
 
 def test_verify_reports_which_branch_ran(run):

@@ -113,6 +113,7 @@ def test_verify_stops_after_two_stages_when_the_answers_agree(tiny_2b, image):
     assert result.agreed is True and [(s.model, s.role) for s in result.stages] == [("large", "answer"), ("small", "reason")]
     assert answers_agree(result.stages[0].text, result.stages[1].text)
     assert [s.vision_cache_hit for s in result.stages] == [False, True]
+    assert 0 < result.verdict_s <= result.total_s  # agreed: the verdict is (almost) the whole request
     assert engine.pool.pages_in_use == 0
 
 
@@ -121,6 +122,8 @@ def test_verify_runs_the_transfer_stage_when_the_answers_disagree(pair, image):
     short, reason, transfer = result.stages
     assert result.agreed is False and not answers_agree(short.text, reason.text)
     assert transfer.role == "transfer" and result.answer == transfer.answer
+    # The verdict came before the transfer stage, whose prefill and decode it does not include.
+    assert result.verdict_s + transfer.prefill_s + transfer.decode_s <= result.total_s
 
 
 def test_a_request_that_fails_midway_releases_every_page(tiny_8b, tiny_2b, image):
