@@ -1,4 +1,4 @@
-"""Micro-benchmarks: each Triton kernel beside the torch code it replaces, on CUDA in bfloat16 at real sizes.
+"""Micro-benchmarks: each Triton kernel (and CUDA C++ op) beside the torch code it replaces, on CUDA at real sizes.
 
     python -m pytest bench/test_kernels.py --benchmark-json=bench.json && python bench/report.py bench.json
 
@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from tandem.kernels import activation, attention, gather, norm, rotary, use_backend
+from tandem.kernels.csrc import load_sampling_op, sampling_op_error
+from tandem.runtime.sampling import SamplingParams, sample
 import tandem.kernels as ops
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks need a CUDA device")
@@ -165,3 +167,38 @@ def test_gather_tokens(benchmark, impl):
     args = (src, keep, prefix, suffix, 700)
     fn = (lambda: gather.gather_tokens(*args)) if impl == "torch" else triton(lambda: ops.gather_tokens(*args))
     run(benchmark, fn, nbytes(src, keep, prefix, suffix) + 2 * 8 * 330)
+
+
+SAMPLING = {  # Qwen3-VL's defaults, and nucleus sampling alone, at temperature 0.7
+    "k20-p0.8-peaked": (20, 0.8, "peaked"),
+    "k0-p0.95-peaked": (0, 0.95, "peaked"),
+    "k0-p0.95-flat": (0, 0.95, "flat"),
+}
+
+
+def _sampling_logits(batch: int, shape: str) -> torch.Tensor:
+    """float32 [batch, 151936]. peaked: a few dozen likely tokens over a low floor, like a confident language model
+    (the op's candidate path); flat: randn, where top_p 0.95 keeps a third of the vocabulary (its full-row path)."""
+    x = torch.randn(batch, 151936, device="cuda")
+    if shape == "peaked":
+        x *= 2
+        boost = torch.empty(batch, 32, device="cuda").uniform_(8, 16)
+        x.scatter_add_(1, torch.randint(0, 151936, (batch, 32), device="cuda"), boost)
+    return x
+
+
+@pytest.mark.parametrize("impl", ["cuda", "torch"])
+@pytest.mark.parametrize("case", list(SAMPLING))
+@pytest.mark.parametrize("batch", [1, 8])
+def test_sampling(benchmark, impl, case, batch):
+    top_k, top_p, shape = SAMPLING[case]
+    logits = _sampling_logits(batch, shape)
+    if impl == "torch":
+        params, gen = SamplingParams(temperature=0.7, top_k=top_k, top_p=top_p), torch.Generator("cuda").manual_seed(0)
+        fn = lambda: sample(logits, params, gen)
+    else:
+        op = load_sampling_op()
+        if op is None:
+            pytest.skip(f"the CUDA sampling op did not load: {sampling_op_error()}")
+        fn = lambda: op.sample(logits, 0.7, top_k, top_p, 1234, 0)
+    run(benchmark, fn, nbytes(logits) + 8 * batch)

@@ -19,7 +19,7 @@ from tandem.models.qwen3_vl import Qwen3VL, VisualTokens
 from tandem.models.tokenizer import IncrementalDetokenizer, Tokenizer, build_prompt_ids, expand_image_pads, extract_images
 from tandem.runtime.decode import DecodeRunner
 from tandem.runtime.kv_cache import PagePool, Sequence
-from tandem.runtime.sampling import SamplingParams, checkpoint_defaults, sample
+from tandem.runtime.sampling import Sampler, SamplingParams, checkpoint_defaults
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DEFAULT_PAGE_SIZE = 16
@@ -245,6 +245,7 @@ class Engine:
         stops = torch.tensor(sorted(self.stop_ids(params)), dtype=torch.long, device=self.device)
         poll = 1 if key_mass is not None else self.poll_every
         generator = self._generator if params.seed is None else torch.Generator(self.device).manual_seed(params.seed)
+        sampler = Sampler(params, generator)
         out = torch.empty(batch, params.max_tokens, dtype=torch.long, device=self.device)
         stopped = torch.zeros(batch, dtype=torch.bool, device=self.device)
         start = self.now()
@@ -253,7 +254,7 @@ class Engine:
         self.decoder.begin(seqs, rope_deltas, params.max_tokens - 1, key_mass)
         try:
             with torch.inference_mode():
-                tokens = sample(logits, params, generator)
+                tokens = sampler(logits)
                 for count in range(1, params.max_tokens + 1):
                     out[:, count - 1] = tokens
                     stopped |= torch.isin(tokens, stops)
@@ -266,7 +267,7 @@ class Engine:
                         yield chunks
                         if all(finished) or count == params.max_tokens:
                             return
-                    tokens = sample(self.decoder.step(tokens), params, generator)
+                    tokens = sampler(self.decoder.step(tokens))
                     self.stats.decode_steps += 1
         finally:
             self.decoder.end()

@@ -1,16 +1,24 @@
-"""Sampling parameters and the sampler, which runs on the logits' device."""
+"""Sampling parameters and the sampler, which runs on the logits' device.
+
+Two samplers: `sample`, in torch (the default), and the CUDA op of csrc/sampling.cu, which TANDEM_SAMPLER=cuda
+selects for logits on CUDA where it builds (see `sampler_choice`). `Sampler` runs one generation's steps with
+whichever applies. The CUDA op stays opt-in until a GPU measurement shows it faster (csrc/README.md).
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 
+from tandem.kernels.csrc import load_sampling_op, sampling_op_error
 from tandem.models.errors import CheckpointError, InputError
 
 DEFAULT_MAX_TOKENS = 256
+SAMPLERS = ("torch", "cuda")
 
 
 @dataclass(frozen=True)
@@ -89,3 +97,44 @@ def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     drop_sorted = probs.cumsum(dim=-1) - probs >= top_p  # the more likely tokens already reach top_p
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
+
+
+def sampler_choice(device: torch.device) -> tuple[str, str]:
+    """("torch" or "cuda", why): the sampler `Sampler` runs for logits on `device` under TANDEM_SAMPLER (torch, the
+    default, or cuda). cuda falls back to torch for logits off CUDA or where the op cannot be built; the reason
+    says which. On a GPU, the first cuda answer builds the op (about a minute, once per machine)."""
+    name = os.environ.get("TANDEM_SAMPLER", "torch")
+    if name not in SAMPLERS:
+        raise ValueError(f"TANDEM_SAMPLER={name!r} is not one of {', '.join(SAMPLERS)}")
+    if name == "torch":
+        return "torch", "TANDEM_SAMPLER is torch (the default)"
+    if device.type != "cuda":
+        return "torch", f"TANDEM_SAMPLER=cuda, but the logits are on {device.type}"
+    if load_sampling_op() is None:
+        return "torch", f"TANDEM_SAMPLER=cuda, but the CUDA op is unavailable: {sampling_op_error()}"
+    return "cuda", "TANDEM_SAMPLER=cuda"
+
+
+class Sampler:
+    """Draws one generation's tokens, step after step, with the sampler `sampler_choice` picks.
+
+    The CUDA op draws with counter-based random numbers (Philox keyed by a seed and an offset), not a generator's
+    state: the seed comes from `generator` once, at the first sampled (non-greedy) step, the one host sync this
+    costs per generation; every step then passes the next offset, a host counter, so no step waits for the device.
+    Seeded requests repeat under either sampler, but the two samplers draw different tokens from one seed."""
+
+    def __init__(self, params: SamplingParams, generator: torch.Generator | None):
+        self.params, self.generator = params, generator
+        self._seed: int | None = None
+        self._offset = 0
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if sampler_choice(logits.device)[0] == "torch":
+            return sample(logits, self.params, self.generator)
+        p = self.params
+        if p.temperature and self._seed is None:
+            self._seed = int(torch.randint(2**63 - 1, (), device=logits.device, generator=self.generator))
+        top_p = 1.0 if p.top_p is None else p.top_p
+        tokens = load_sampling_op().sample(logits, p.temperature, p.top_k or 0, top_p, self._seed or 0, self._offset)
+        self._offset += 1
+        return tokens
