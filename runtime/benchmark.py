@@ -315,6 +315,11 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def forced_greedy(tokens: int) -> SamplingParams:
+    """Exactly `tokens` greedy tokens: every timed Tandem generation decodes a forced length."""
+    return SamplingParams(max_tokens=tokens, temperature=0.0, top_p=1.0, top_k=0, ignore_eos=True)
+
+
 def text_ids(n: int, seed: int) -> list[int]:
     """n seeded random ordinary-token ids (no special or image-pad id)."""
     return torch.randint(0, TEXT_ID_LIMIT, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -361,7 +366,7 @@ def measure_floor(device: torch.device, nbytes: int, weight_bytes: int) -> dict:
 
 
 def _tandem_decode(engine: Engine, ids: list[int], length: int) -> dict:
-    params = SamplingParams(max_tokens=length, temperature=0.0, top_p=1.0, top_k=0, ignore_eos=True)
+    params = forced_greedy(length)
     start = engine.now()
     out = engine.generate(prompt_token_ids=ids, sampling=params)
     total = engine.now() - start
@@ -485,7 +490,7 @@ def bench_batch(built: Built, s: BenchSettings, progress: Progress, floor_ms: fl
     engine = built.engine
     prompts = {B: [engine.prepare(None, text_ids(s.decode_prompt_tokens, s.seed + row)) for row in range(B)]
                for B in s.batch_sizes}
-    params = SamplingParams(max_tokens=s.batch_tokens, temperature=0.0, top_p=1.0, top_k=0, ignore_eos=True)
+    params = forced_greedy(s.batch_tokens)
 
     def run(B: int) -> dict:
         outs = engine.generate_batch(prompts[B], params)
@@ -512,7 +517,7 @@ def bench_batch(built: Built, s: BenchSettings, progress: Progress, floor_ms: fl
 
 def bench_prefill(built: Built, s: BenchSettings, progress: Progress) -> dict:
     engine, device = built.engine, s.torch_device
-    params = SamplingParams(max_tokens=1, temperature=0.0, top_p=1.0, top_k=0, ignore_eos=True)
+    params = forced_greedy(1)
     tandem, hf = [], []
     for n in s.prompt_lengths:
         ids = text_ids(n, s.seed + n)
@@ -550,7 +555,7 @@ def _simple_column(samples: list[list[float]], tokens: tuple[int, ...] | None = 
 def bench_vision(built: Built, s: BenchSettings, progress: Progress) -> dict:
     engine, device, dtype = built.engine, s.torch_device, s.torch_dtype
     tandem, hf, preprocess, first_token, resized, patches, tokens = [], [], [], [], [], [], []
-    one_token = SamplingParams(max_tokens=1, temperature=0.0, top_p=1.0, top_k=0, ignore_eos=True)
+    one_token = forced_greedy(1)
     for size in s.image_sizes:
         image = bench_image(size, s.seed + size)
         pre, enc = [], []

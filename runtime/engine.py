@@ -245,7 +245,7 @@ class Engine:
         stops = torch.tensor(sorted(self.stop_ids(params)), dtype=torch.long, device=self.device)
         poll = 1 if key_mass is not None else self.poll_every
         generator = self._generator if params.seed is None else torch.Generator(self.device).manual_seed(params.seed)
-        sampler = Sampler(params, generator)
+        sampler = Sampler(params, generator, self.device)
         out = torch.empty(batch, params.max_tokens, dtype=torch.long, device=self.device)
         stopped = torch.zeros(batch, dtype=torch.bool, device=self.device)
         start = self.now()

@@ -121,20 +121,22 @@ class Sampler:
     The CUDA op draws with counter-based random numbers (Philox keyed by a seed and an offset), not a generator's
     state: the seed comes from `generator` once, at the first sampled (non-greedy) step, the one host sync this
     costs per generation; every step then passes the next offset, a host counter, so no step waits for the device.
-    Seeded requests repeat under either sampler, but the two samplers draw different tokens from one seed."""
+    Seeded requests repeat under either sampler, but the two samplers draw different tokens from one seed. The
+    choice is made once, for the logits' `device`, not per step."""
 
-    def __init__(self, params: SamplingParams, generator: torch.Generator | None):
+    def __init__(self, params: SamplingParams, generator: torch.Generator | None, device: torch.device):
         self.params, self.generator = params, generator
+        self.op = load_sampling_op() if sampler_choice(device)[0] == "cuda" else None
         self._seed: int | None = None
         self._offset = 0
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        if sampler_choice(logits.device)[0] == "torch":
+        if self.op is None:
             return sample(logits, self.params, self.generator)
         p = self.params
         if p.temperature and self._seed is None:
             self._seed = int(torch.randint(2**63 - 1, (), device=logits.device, generator=self.generator))
         top_p = 1.0 if p.top_p is None else p.top_p
-        tokens = load_sampling_op().sample(logits, p.temperature, p.top_k or 0, top_p, self._seed or 0, self._offset)
+        tokens = self.op.sample(logits, p.temperature, p.top_k or 0, top_p, self._seed or 0, self._offset)
         self._offset += 1
         return tokens

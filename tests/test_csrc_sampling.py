@@ -64,9 +64,9 @@ def test_cuda_sampler_on_cpu_logits_is_the_torch_sampler(monkeypatch):
     assert sampler_choice(torch.device("cpu")) == ("torch", "TANDEM_SAMPLER=cuda, but the logits are on cpu")
     logits = torch.randn(3, 500, generator=torch.Generator().manual_seed(0)) * 3
     greedy = SamplingParams(temperature=0.0)
-    assert torch.equal(Sampler(greedy, None)(logits), sample(logits, greedy, None))
+    assert torch.equal(Sampler(greedy, None, logits.device)(logits), sample(logits, greedy, None))
     params = SamplingParams(temperature=0.7, top_k=20, top_p=0.8)
-    sampler, gen = Sampler(params, torch.Generator().manual_seed(7)), torch.Generator().manual_seed(7)
+    sampler, gen = Sampler(params, torch.Generator().manual_seed(7), logits.device), torch.Generator().manual_seed(7)
     for _ in range(5):
         assert torch.equal(sampler(logits), sample(logits, params, gen))
 
