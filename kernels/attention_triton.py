@@ -346,7 +346,12 @@ def _attention_config(head_dim: int, elem_size: int) -> tuple[int, int, int, int
     # 16-bit inputs up to D=128 run on tensor cores and afford 128 queries per program. float32 (IEEE, so no
     # tensor cores: operands live in registers) and D=256 halve it to keep the tiles out of local memory.
     block_m = 128 if elem_size <= 2 and block_d <= 128 else 64
-    return block_m, _block_n(block_d, elem_size), block_d, 8 if block_d >= 128 else 4, 2
+    block_n = _block_n(block_d, elem_size)
+    if head_dim < block_d and elem_size <= 2:
+        # A padded head dim (the 8B vision tower's 72 as a 128-wide tile) needs masked loads and more registers:
+        # at 128 x 64 tiles it spilled on sm_90 (bench/compile_check.py); 64 x 32 compiles without spilling.
+        block_m, block_n = 64, min(block_n, 32)
+    return block_m, block_n, block_d, 8 if block_d >= 128 else 4, 2
 
 
 def _block_d(head_dim: int) -> int:

@@ -145,8 +145,17 @@ def _mode_image(mode: str) -> Image.Image:
     return Image.fromarray(rgba, "RGBA").convert(mode)
 
 
+def _composites_alpha(reference: Qwen2VLImageProcessorPil) -> bool:
+    """Whether this transformers turns transparent pixels white. Older releases (5.17, the GPU image's, for one)
+    dropped alpha with a plain convert("RGB"); Tandem follows the current reference, which composites."""
+    clear = Image.new("RGBA", (1, 1), (0, 0, 0, 0))
+    return np.asarray(reference.convert_to_rgb(clear)).ravel().tolist() == [255, 255, 255]
+
+
 @pytest.mark.parametrize("mode", ["L", "RGBA", "LA", "P", "CMYK"])
 def test_preprocess_matches_reference_for_pil_modes(reference, mode: str) -> None:
+    if mode in ("RGBA", "LA", "P") and not _composites_alpha(reference):
+        pytest.skip("this transformers converts alpha without compositing onto white (the older reference)")
     image = _mode_image(mode)
     assert image.mode == mode
     assert_matches_reference(preprocess_images([image]), reference(images=[image], return_tensors="pt"))

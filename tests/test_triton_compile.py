@@ -51,13 +51,12 @@ def test_every_kernel_compiles_for_each_model_size_and_dtype(report):
             assert got == expected, (preset, dtype, expected ^ got)
 
 
-def test_shared_memory_fits_and_the_decode_path_does_not_spill(report):
-    """Every kernel fits sm_90's 227 KiB of shared memory per block; the kernels of a 16-bit decode step keep
-    everything in registers (no stack: nothing spilled to local memory)."""
-    decode_step = {"_rms_norm_kernel", "_silu_and_mul_kernel", "_qk_norm_rope_store_kernel", "_decode_split_kernel",
-                   "_decode_combine_kernel", "_key_mass_kernel"}
+def test_shared_memory_fits_and_no_16_bit_kernel_spills(report):
+    """Every kernel fits sm_90's 227 KiB of shared memory per block; in bfloat16 and float16 (the GPU's dtypes)
+    every kernel keeps its tiles in registers (no stack: nothing spilled to local memory), the padded head dim of
+    the 8B vision tower (72 as a 128-wide tile) included. float32 is a test-only dtype there and may spill."""
     for row in report["kernels"]:
         assert 0 <= row["shared"] <= 227 * 1024, row
         assert row["registers"] is not None and row["registers"] <= 255, row
-        if row["kernel"] in decode_step and row["dtype"] != "float32":
+        if row["dtype"] != "float32":
             assert row["stack"] == 0, row
