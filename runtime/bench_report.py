@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 COLUMNS = {"tandem": "Tandem", "hf_eager": "HF eager", "hf_compiled": "HF static+compile"}
+PROFILE_ROWS = 15  # rows of each profile the summary prints (bench.json keeps them all)
 
 
 # ---- outputs -----------------------------------------------------------------------------------------------------
@@ -80,6 +81,8 @@ def format_summary(result: dict) -> str:
                          f"{_f(None if 'unavailable' in hf else hf['ms'][i], 9)} | "
                          f"{_f(v['columns']['tandem']['first_token_ms'][i], 11)}")
         lines += _unavailable_notes(v["columns"])
+    if "profile" in result:
+        lines += ["", *_profile_tables(result)]
     if "policies" in result:
         lines += ["", *_policy_table(result)]
     return "\n".join(lines)
@@ -112,6 +115,33 @@ def _batch_table(result: dict) -> list[str]:
     for B, ms, ratio, rate in zip(b["batch_sizes"], b["step_ms"], b["ratio_to_floor"], b["tokens_per_s"]):
         lines.append(f"{B:>3} | {ms:>9.3f} | {_f(ratio, 7, 1)} | {rate:>9.1f}")
     return lines + ([f"floor: {floor:.4f} ms per step"] if floor else [])
+
+
+def _profile_tables(result: dict) -> list[str]:
+    p = result["profile"]
+    if "unavailable" in p:
+        return [f"Profile on {_where(result)}: unavailable: {p['unavailable']}"]
+    what = "kernel" if result["machine"]["device"] == "cuda" else "operator (self time)"
+    lines = [f"Profile (torch.profiler; wall includes its overhead), decode at batch 1, prompt {p['prompt_tokens']} "
+             f"tokens, on {_where(result)}"]
+    for name, d in p["decode"].items():
+        lines += [f"  {name}: {d['steps']} steps, wall {d['wall_ms_per_step']:.3f} ms/step, "
+                  f"busy {d['busy_ms_per_step']:.3f} ms/step", *_profile_rows(d["rows"], "step", what)]
+    f = p["first_token"]
+    h, w = p["image_size"]
+    lines += [f"  first token, one {h}x{w} image ({f['image_tokens']} image tokens of {f['prompt_tokens']}) + a "
+              f"question: wall {f['wall_ms']:.2f} ms = prepare {f['prepare_ms']:.2f} (image preprocessing "
+              f"{f['preprocess_ms']:.2f}) + vision encoder {f['vision_encoder_ms']:.2f} + prefill and first sample "
+              f"{f['prefill_ms']:.2f} + the rest; busy {f['busy_ms']:.2f} ms", *_profile_rows(f["rows"], "request", what)]
+    return lines
+
+
+def _profile_rows(rows: list[dict], per: str, what: str) -> list[str]:
+    lines = [f"    {'ms/' + per:>11} | {'calls':>7} | {'share':>5} | {what}"]
+    for r in rows[:PROFILE_ROWS]:
+        name = r["name"] if len(r["name"]) <= 100 else r["name"][:97] + "..."
+        lines.append(f"    {r['ms']:>11.4f} | {r['calls']:>7.1f} | {100 * r['share']:>4.0f}% | {name}")
+    return lines
 
 
 def _unavailable_notes(columns: dict) -> list[str]:

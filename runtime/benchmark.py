@@ -45,6 +45,9 @@ Columns:
   request costs when the answers agree; random models rarely agree, so the transfer stage usually runs after it),
   and runs a second time with its two first stages one after the other ("verify (sequential)"): the gain of
   running them at once on two CUDA streams (on the CPU both rows run sequentially).
+- profile (tandem.runtime.bench_profile): where the time goes, for a missed target. torch.profiler over
+  profile_steps decode steps at batch 1 (with CUDA graphs and, on a GPU, without), and over one first-token request
+  with one image of the policies' size: the top kernels (operators on the CPU) per step, device busy time vs wall.
 """
 
 from __future__ import annotations
@@ -76,13 +79,14 @@ from tandem.models.loader import load_model_from_state_dict
 from tandem.models.qwen3_vl import Qwen3VL
 from tandem.models.tiny import GENERATION_CONFIG, PRESETS, perturb_weights, write_support_files
 from tandem.models.tokenizer import Tokenizer
+from tandem.runtime.bench_profile import profile_decode, profile_first_token
 from tandem.runtime.bench_report import write_outputs
 from tandem.runtime.engine import DEFAULT_PAGE_SIZE, Engine, device_clock, parse_dtype
 from tandem.runtime.kv_cache import PagePool
 from tandem.runtime.pipeline import POLICIES, Budget, Tandem
 from tandem.runtime.sampling import SamplingParams, checkpoint_defaults
 
-PARTS = ("decode", "batch", "prefill", "vision", "policies")
+PARTS = ("decode", "batch", "prefill", "vision", "profile", "policies")
 SEQUENTIAL_VERIFY = "verify (sequential)"  # verify with its two first stages one after the other: the overlap's gain
 FULL_LENGTHS = tuple(2**i for i in range(11))  # 1 .. 1024 output tokens
 QUICK_LENGTHS = (1, 4, 16)
@@ -95,6 +99,8 @@ FULL_BATCH_SIZES = (1, 2, 4, 8)
 QUICK_BATCH_SIZES = (1, 3)
 FULL_BATCH_TOKENS = 128
 QUICK_BATCH_TOKENS = 6
+FULL_PROFILE_STEPS = 64
+QUICK_PROFILE_STEPS = 8
 POLICY_IMAGE_SIZE = 448
 QUESTION = "What is the main object in this picture, and what color is it?"
 TEXT_ID_LIMIT = 151643  # ids below this are ordinary byte-pair tokens (no special or image-pad id)
@@ -119,6 +125,7 @@ class BenchSettings:
     prompt_lengths: tuple[int, ...] | None = None
     batch_sizes: tuple[int, ...] | None = None
     batch_tokens: int | None = None
+    profile_steps: int | None = None
     decode_prompt_tokens: int = DECODE_PROMPT_TOKENS
     short_tokens: int = 4
     reason_tokens: int | None = None
@@ -149,6 +156,7 @@ class BenchSettings:
         s.reason_tokens = s.reason_tokens or (32 if s.quick else 256)
         s.batch_sizes = tuple(s.batch_sizes or (QUICK_BATCH_SIZES if s.quick else FULL_BATCH_SIZES))
         s.batch_tokens = s.batch_tokens or (QUICK_BATCH_TOKENS if s.quick else FULL_BATCH_TOKENS)
+        s.profile_steps = s.profile_steps or (QUICK_PROFILE_STEPS if s.quick else FULL_PROFILE_STEPS)
         s.copy_bytes = s.copy_bytes or COPY_BYTES["cuda" if device.type == "cuda" else "cpu-quick" if s.quick else "cpu"]
         s.parts = tuple(p for p in PARTS if p in s.parts)  # measurement order is fixed
         s._check()
@@ -172,6 +180,8 @@ class BenchSettings:
             raise InputError("image sizes must be at least 32 pixels")
         if self.short_tokens < 1 or self.reason_tokens < 1 or self.decode_prompt_tokens < 1:
             raise InputError("token budgets and the decode prompt length must be positive")
+        if self.profile_steps < 1:
+            raise InputError(f"profile_steps must be positive, got {self.profile_steps}")
         if self.batch_tokens < 2:
             raise InputError(f"batch_tokens must be at least 2 (one decode step), got {self.batch_tokens}")
 
@@ -228,7 +238,7 @@ def _planned_runs(s: BenchSettings) -> int:
     hf = 0 if s.skip_hf else 1
     compiled = hf and not s.skip_compile and s.torch_device.type == "cuda"
     total = 0
-    if set(s.parts) & {"decode", "prefill", "vision"}:
+    if set(s.parts) - {"policies"}:
         total += 1  # build
     if {"decode", "batch"} & set(s.parts):
         total += 1  # copy bandwidth
@@ -240,6 +250,8 @@ def _planned_runs(s: BenchSettings) -> int:
         total += (1 + hf) * per_config * len(s.prompt_lengths)
     if "vision" in s.parts:
         total += (2 + hf) * per_config * len(s.image_sizes)
+    if "profile" in s.parts:
+        total += 3 if s.torch_device.type == "cuda" else 2  # decode with (and on a GPU without) graphs; first token
     if "policies" in s.parts:
         total += 2 + (len(POLICIES) + 1) * per_config
     return total
@@ -604,6 +616,35 @@ def bench_vision(built: Built, s: BenchSettings, progress: Progress) -> dict:
             "columns": columns}
 
 
+def bench_profiles(built: Built, s: BenchSettings, progress: Progress) -> dict:
+    """torch.profiler views of a decode step (with CUDA graphs and, where the engine uses them, without) and of a
+    first token with one image; see tandem.runtime.bench_profile. A profiler that cannot run is reported, not fatal:
+    it only explains the figures the other parts measured."""
+    try:
+        return _profiles(built.engine, s, progress)
+    except Exception as e:  # noqa: BLE001 - reported in bench.json and the summary
+        progress.step("profile failed", 0)
+        return _unavailable(_error_text(e))
+
+
+def _profiles(engine: Engine, s: BenchSettings, progress: Progress) -> dict:
+    ids = text_ids(s.decode_prompt_tokens, s.seed)
+    # The first poll runs before the window, which closes at the poll that reaches profile_steps.
+    params = forced_greedy(2 * engine.poll_every + s.profile_steps)
+    decode = {}
+    for name, graphs in (("cuda graphs", True), ("eager launches", False)):
+        if graphs and not engine.decoder.graphable():
+            continue
+        decode[name] = profile_decode(engine, ids, s.profile_steps, params, graphs)
+        progress.step(f"profile decode, {name}")
+    image = bench_image(s.policy_image_size, s.seed + 7)
+    question = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": QUESTION}]}]
+    first_token = profile_first_token(engine, question, forced_greedy(1))
+    progress.step("profile first token")
+    return {"prompt_tokens": s.decode_prompt_tokens, "decode": decode, "first_token": first_token,
+            "image_size": [s.policy_image_size, s.policy_image_size], "question": QUESTION}
+
+
 def bench_policies(s: BenchSettings, files: Path, progress: Progress) -> dict:
     device, dtype = s.torch_device, s.torch_dtype
     large_name, small_name = s.pair
@@ -741,7 +782,9 @@ def run_benchmark(settings: BenchSettings, command: str, out_dir: Path | None = 
             if single:
                 kv = max(s.decode_prompt_tokens + max(s.lengths), max(s.prompt_lengths) + 1,
                          (max(s.image_sizes) // 32 + 2) ** 2 + 256,
-                         max(s.batch_sizes) * (s.decode_prompt_tokens + s.batch_tokens + DEFAULT_PAGE_SIZE))
+                         max(s.batch_sizes) * (s.decode_prompt_tokens + s.batch_tokens + DEFAULT_PAGE_SIZE),
+                         s.decode_prompt_tokens + s.profile_steps + 64,  # + the polls around the profile's window
+                         (s.policy_image_size // 32 + 2) ** 2 + 256)
                 built = build_models(s.preset, device, dtype, s.seed, files, kv, s.kernel_backend, keep_hf=not s.skip_hf)
                 bar.step(f"built {s.preset}")
                 result["model"] = {
@@ -766,6 +809,9 @@ def run_benchmark(settings: BenchSettings, command: str, out_dir: Path | None = 
                     save()
                 if "vision" in s.parts:
                     result["vision"] = bench_vision(built, s, bar)
+                    save()
+                if "profile" in s.parts:
+                    result["profile"] = bench_profiles(built, s, bar)
                     save()
                 if "decode" in s.parts:
                     result["decode"]["columns"]["hf_compiled"] = bench_decode_compiled(built, s, bar, floor_ms)

@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
                             "reasoning tokens, tiny models unless --preset / --pair say otherwise")
     bench.add_argument("--repeats", type=int, help="timed runs per configuration, after one warm-up (default 3)")
     bench.add_argument("--parts", type=_bench_parts, metavar="PART,...",
-                       help="a subset of decode,batch,prefill,vision,policies (default: all)")
+                       help="a subset of decode,batch,prefill,vision,profile,policies (default: all)")
     bench.add_argument("--lengths", type=_int_list, metavar="L,...", help="output lengths (default 1,2,4,...,1024)")
     bench.add_argument("--image-sizes", type=_int_list, metavar="PX,...",
                        help="square image sides (default 224,448,...,1344)")
@@ -83,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-sizes", type=_int_list, metavar="B,...",
                        help="batch sizes of the batched-decode part (default 1,2,4,8)")
     bench.add_argument("--batch-tokens", type=int, help="tokens each sequence decodes in the batch part (default 128)")
+    bench.add_argument("--profile-steps", type=int, help="decode steps the profile part traces (default 64)")
     bench.add_argument("--short-tokens", type=int, default=4, help="forced answer length of the policies (4)")
     bench.add_argument("--reason-tokens", type=int, help="forced reasoning length of the policies (default 256)")
     bench.add_argument("--skip-hf", action="store_true", help="Tandem and the floor only, no transformers columns")
@@ -215,7 +216,7 @@ def _bench(args: argparse.Namespace) -> int:
         preset=args.preset, pair=args.pair, device=args.device, dtype=args.dtype, parts=args.parts or PARTS,
         quick=args.quick, repeats=args.repeats, lengths=args.lengths, image_sizes=args.image_sizes,
         prompt_lengths=args.prompt_lengths, batch_sizes=args.batch_sizes, batch_tokens=args.batch_tokens,
-        short_tokens=args.short_tokens, reason_tokens=args.reason_tokens,
+        profile_steps=args.profile_steps, short_tokens=args.short_tokens, reason_tokens=args.reason_tokens,
         skip_hf=args.skip_hf, skip_compile=args.skip_compile, kernel_backend=args.kernel_backend, seed=args.seed)
     result = run_benchmark(settings, _bench_command(args), args.out)
     print(format_summary(result))
@@ -228,8 +229,8 @@ def _bench_command(args: argparse.Namespace) -> str:
     """The bench command line as parsed, every given option spelled out (bench.json also keeps the process argv)."""
     words = ["tandem", "bench"]
     for name in ("preset", "pair", "device", "dtype", "kernel_backend", "out", "repeats", "parts", "lengths",
-                 "image_sizes", "prompt_lengths", "batch_sizes", "batch_tokens", "short_tokens", "reason_tokens",
-                 "seed"):
+                 "image_sizes", "prompt_lengths", "batch_sizes", "batch_tokens", "profile_steps", "short_tokens",
+                 "reason_tokens", "seed"):
         value = getattr(args, name)
         if value is not None:
             words += [f"--{name.replace('_', '-')}", ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]

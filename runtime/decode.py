@@ -45,6 +45,7 @@ class _Run:
     seqs: list[Sequence]
     buffers: _Buffers
     key_mass: torch.Tensor | None
+    graphs: bool  # steps after the first replay a CUDA graph
 
 
 def bucket(n: int) -> int:
@@ -80,7 +81,7 @@ class DecodeRunner:
         buf.rope_delta.copy_(deltas)
         if key_mass is not None:
             buf.key_mass.zero_()
-        self._run, self.steps = _Run(list(seqs), buf, key_mass), 0
+        self._run, self.steps = _Run(list(seqs), buf, key_mass, self.graphable()), 0
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed tokens [batch] (on the device), one to the end of each sequence -> logits [batch, vocab]."""
@@ -89,11 +90,12 @@ class DecodeRunner:
         buf.token[:batch].copy_(tokens)
         self.steps += 1
         with_mass = run.key_mass is not None
-        if with_mass not in buf.graphs and self.steps > 1 and self._graphable():
+        # A shape's graph is captured at a second step, once the first (eager) one has compiled the kernels.
+        if run.graphs and with_mass not in buf.graphs and self.steps > 1:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):  # records the kernels; replay below runs them
                 buf.graphs[with_mass] = (graph, self._forward(buf, with_mass))
-        if with_mass in buf.graphs:
+        if run.graphs and with_mass in buf.graphs:
             graph, logits = buf.graphs[with_mass]
             graph.replay()
         else:
@@ -128,9 +130,9 @@ class DecodeRunner:
         buf.length += 1
         return logits
 
-    def _graphable(self) -> bool:
-        """CUDA graphs need every op capturable: the Triton kernels are; the torch references, which read lengths
-        on the host, are not. The first step of a shape runs eagerly, which also compiles the kernels."""
+    def graphable(self) -> bool:
+        """Whether decode steps run as CUDA graphs: on CUDA with cuda_graphs set (read at each `begin`) and the
+        Triton kernels, which are capturable; the torch references, which read lengths on the host, are not."""
         device = self.pool.kv.device
         if not self.cuda_graphs or device.type != "cuda":
             return False

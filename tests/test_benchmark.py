@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tandem.models.tiny import write_support_files
+from tandem.models.tiny import PRESETS, write_support_files
 from tandem.runtime.bench_report import COLUMNS, plot_latency
 from tandem.runtime.benchmark import PARTS, _policy_summary, build_models, decode_weight_bytes, text_ids
 from tandem.runtime.cli import main
@@ -27,12 +27,13 @@ LENGTHS = [1, 3, 8]
 IMAGE_SIZES = [224, 320]
 PROMPT_LENGTHS = [64, 160]
 BATCH_SIZES, BATCH_TOKENS = [1, 3], 5
+PROFILE_STEPS = 5
 SHORT, REASON = 3, 12  # not the defaults, so a forced length cannot be a coincidence
 ARGS = ["bench", "--quick", "--preset", "2b-like", "--pair", "8b-like,2b-like", "--device", "cpu", "--dtype", "float32",
         "--repeats", "2", "--lengths", ",".join(map(str, LENGTHS)), "--image-sizes", ",".join(map(str, IMAGE_SIZES)),
         "--prompt-lengths", ",".join(map(str, PROMPT_LENGTHS)), "--short-tokens", str(SHORT),
         "--reason-tokens", str(REASON), "--batch-sizes", ",".join(map(str, BATCH_SIZES)),
-        "--batch-tokens", str(BATCH_TOKENS)]
+        "--batch-tokens", str(BATCH_TOKENS), "--profile-steps", str(PROFILE_STEPS)]
 
 
 def _run(args: list[str]) -> tuple[int, str]:
@@ -176,6 +177,29 @@ def test_batch_part_reports_each_batch_size(run):
     assert "Decode ms per step, Tandem, one token for each of B sequences" in run["printed"]
 
 
+def test_profile_sees_every_matmul_of_a_decode_step(run):
+    """On the CPU the profile's rows are operators: a decode step of the torch backend runs four matmuls per layer
+    (fused qkv, o, fused gate_up, down) and the output head, and the window holds exactly the steps asked for."""
+    p = run["data"]["profile"]
+    (decode,) = p["decode"].values()  # no CUDA graphs on the CPU: one mode
+    assert decode["steps"] == PROFILE_STEPS and decode["cuda_graphs"] is False
+    layers = PRESETS["2b-like"]["text_config"]["num_hidden_layers"]
+    rows = {r["name"]: r for r in decode["rows"]}
+    assert rows["aten::mm"]["calls"] == 4 * layers + 1
+    assert decode["busy_ms_per_step"] <= decode["wall_ms_per_step"]
+    for part in (decode, p["first_token"]):
+        times = [r["ms"] for r in part["rows"]]
+        assert times == sorted(times, reverse=True) and sum(r["share"] for r in part["rows"]) <= 1 + 1e-9
+
+
+def test_profile_splits_the_first_token(run):
+    f = run["data"]["profile"]["first_token"]
+    assert f["image_tokens"] == (448 // 32) ** 2 and f["prompt_tokens"] > f["image_tokens"]
+    assert f["preprocess_ms"] <= f["prepare_ms"]
+    assert f["prepare_ms"] + f["vision_encoder_ms"] + f["prefill_ms"] <= f["wall_ms"]
+    assert f["busy_ms"] <= f["wall_ms"]
+
+
 def test_floor_counts_the_weights_a_decode_step_reads(run):
     """2b-like ties its head to the embedding: a step reads the whole text model (embedding = head, layers, norm)."""
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
@@ -248,8 +272,9 @@ def test_matplotlib_plot_when_installed(run, tmp_path):
 def test_summary_names_device_and_dtype_on_every_table(run):
     summary = (run["folder"] / "summary.txt").read_text()
     assert summary.splitlines()[0].startswith("Tandem latency benchmark on cpu (")
-    titles = [line for line in summary.splitlines() if line.startswith(("Decode", "Prefill", "Vision", "Policies"))]
-    assert len(titles) == 6
+    titles = [line for line in summary.splitlines()
+              if line.startswith(("Decode", "Prefill", "Vision", "Profile", "Policies"))]
+    assert len(titles) == 7
     for title in titles:
         assert ", float32" in title and "on cpu (" in title, title
     assert "transformers 5." in summary and "command: tandem bench" in summary
