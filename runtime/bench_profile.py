@@ -9,8 +9,9 @@
   profile of the whole call.
 
 Rows are the device's kernels summed by name on CUDA, the operators' self time on the CPU, slowest first (all of
-them in bench.json, the top ones in the summary). busy = the sum over every row; wall = the synchronised window, profiler overhead included (so it reads above the un-profiled figures
-of the other parts). On a GPU, wall - busy is time the device spent waiting for the host.
+them in bench.json, the top ones in the summary). busy = the sum over every row; wall = the synchronised window,
+profiler overhead included (so it reads above the un-profiled figures of the other parts). On a GPU, wall - busy
+is time the device spent waiting for the host.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from tandem.runtime.engine import Engine
 from tandem.runtime.sampling import SamplingParams
+
 
 def profile_decode(engine: Engine, prompt_ids: list[int], steps: int, params: SamplingParams, graphs: bool) -> dict:
     """Profile at least `steps` decode steps (whole polls) of `prompt_ids`; params must allow the prompt's first

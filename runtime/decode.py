@@ -45,7 +45,7 @@ class _Run:
     seqs: list[Sequence]
     buffers: _Buffers
     key_mass: torch.Tensor | None
-    graphs: bool  # steps after the first replay a CUDA graph
+    graphs: bool  # replay CUDA graphs (`graphable()` when the run began)
 
 
 def bucket(n: int) -> int:
