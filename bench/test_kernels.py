@@ -8,12 +8,16 @@ give achieved bandwidth against the device's measured copy bandwidth (test_devic
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from tandem.kernels import activation, attention, gather, norm, rotary, use_backend
 from tandem.kernels.csrc import load_sampling_op, sampling_op_error
+from tandem.models.config import parse_config
+from tandem.models.tiny import PRESETS
 from tandem.runtime.sampling import SamplingParams, sample
 import tandem.kernels as ops
 
@@ -53,6 +57,28 @@ def test_device_copy(benchmark):
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     run(benchmark, lambda: dst.copy_(src), 2 * src.numel())
+
+
+def _decode_projections(preset: str) -> dict[str, tuple[int, int]]:
+    """(out, in) features of each matmul of a decode step (fused as Tandem loads them) and of the output head."""
+    t = parse_config(PRESETS[preset]).text
+    q, kv = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
+    return {"qkv": (q + 2 * kv, t.hidden_size), "o": (t.hidden_size, q), "gate_up": (2 * t.intermediate_size, t.hidden_size),
+            "down": (t.hidden_size, t.intermediate_size), "lm_head": (t.vocab_size, t.hidden_size)}
+
+
+@pytest.mark.parametrize("preset", ["qwen3-vl-8b", "qwen3-vl-2b"])
+@pytest.mark.parametrize("name", ["qkv", "o", "gate_up", "down", "lm_head"])
+def test_decode_linear(benchmark, preset, name):
+    """A decode step's matmuls at batch 1 (cuBLAS through F.linear): how close each gets to the copy bandwidth is
+    what the decode floor assumes. Calls rotate over enough weight copies (>= 1 GiB) that none is served from L2,
+    as in a real step, where every layer reads other weights."""
+    out_features, in_features = _decode_projections(preset)[name]
+    x = torch.randn(1, in_features, device="cuda", dtype=DTYPE)
+    copies = max(2, -(-(1 << 30) // (out_features * in_features * 2)))
+    weights = [torch.randn(out_features, in_features, device="cuda", dtype=DTYPE) for _ in range(copies)]
+    turn = itertools.count()
+    run(benchmark, lambda: F.linear(x, weights[next(turn) % copies]), nbytes(x, weights[0]) + out_features * 2)
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
