@@ -29,19 +29,47 @@ def real_2b(tmp_path_factory):
     return build_random_checkpoint(path, "qwen3-vl-2b", seed=0, device="cuda", dtype=torch.bfloat16)
 
 
-def test_bfloat16_top1_agrees_with_transformers(real_2b):
-    engine = Engine.from_pretrained(real_2b, device="cuda", dtype="bfloat16", kv_cache_tokens=16384)
-    prompt = engine.prepare(messages("Describe the picture in detail.", (448, 448)))
-    ours = engine.prompt_logits(prompt)
-    reference = Qwen3VLForConditionalGeneration.from_pretrained(real_2b, dtype=torch.bfloat16).cuda().eval()
+def _prompt_logits(engine_or_model, prompt) -> torch.Tensor:
+    """Logits [positions, vocab] (float32) at every prompt position, from Tandem's Engine or transformers' model."""
+    if isinstance(engine_or_model, Engine):
+        return engine_or_model.prompt_logits(prompt)
     ids = torch.tensor([prompt.token_ids], device="cuda")
     with torch.no_grad():
-        ref = reference(input_ids=ids, mm_token_type_ids=(ids == 151655).int(),
-                        pixel_values=prompt.images.pixel_values, image_grid_thw=prompt.images.grid_thw.cuda()).logits[0]
-    agreement = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
-    print(f"bf16 top-1 agreement with transformers over {len(prompt.token_ids)} positions: {agreement:.4f}")
-    assert agreement >= 0.97
-    assert ours[-1].argmax() == ref[-1].argmax()
+        return engine_or_model(input_ids=ids, mm_token_type_ids=(ids == 151655).int(),
+                               pixel_values=prompt.images.pixel_values.float(),
+                               image_grid_thw=prompt.images.grid_thw.cuda()).logits[0].float()
+
+
+def test_real_size_2b_against_transformers(real_2b):
+    """The real-size 2B on the GPU. float32: Tandem's logits equal transformers' (relative 1e-4; the same check on
+    the CPU gave 4e-6). bfloat16: both drift from float32, and Tandem may drift no more than transformers does (on
+    the CPU both drifted by 3.9% rms with these random weights, whose logits are large and flat: a bf16-vs-bf16
+    top-1 comparison measures that noise, 0.91 there, not correctness)."""
+    logits = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        engine = Engine.from_pretrained(real_2b, device="cuda", dtype=dtype, kv_cache_tokens=16384)
+        prompt = engine.prepare(messages("Describe the picture in detail.", (448, 448)))
+        logits["tandem", dtype] = _prompt_logits(engine, prompt)
+        del engine
+        reference = Qwen3VLForConditionalGeneration.from_pretrained(real_2b, dtype=dtype).cuda().eval()
+        logits["transformers", dtype] = _prompt_logits(reference, prompt)
+        del reference
+        torch.cuda.empty_cache()
+    exact = logits["transformers", torch.float32]
+    scale = exact.abs().max().item()
+    assert (logits["tandem", torch.float32] - exact).abs().max().item() <= 1e-4 * scale
+
+    def drift(x: torch.Tensor) -> float:
+        return ((x - exact).pow(2).mean().sqrt() / exact.pow(2).mean().sqrt()).item()
+
+    def top1(x: torch.Tensor) -> float:
+        return (x.argmax(-1) == exact.argmax(-1)).float().mean().item()
+
+    ours, theirs = logits["tandem", torch.bfloat16], logits["transformers", torch.bfloat16]
+    print(f"bf16 drift from float32: Tandem {drift(ours):.4f}, transformers {drift(theirs):.4f}; top-1 agreement with "
+          f"float32: Tandem {top1(ours):.4f}, transformers {top1(theirs):.4f}")
+    assert drift(ours) <= 1.25 * drift(theirs)
+    assert top1(ours) >= top1(theirs) - 0.03
 
 
 @pytest.mark.parametrize("batch", [1, 3, 8])
