@@ -215,9 +215,11 @@ chunk_kernel(const float* __restrict__ logits, int vocab, float inv_t, int flags
   float sum = 0.0f;
   if (flags & kNeedSum) {
     const float zmax = key_float(best >> 32);
+    if (zmax > -INFINITY) {  // a chunk of masked (-inf) logits has no mass; exp(-inf - -inf) would be NaN
 #pragma unroll
-    for (int j = 0; j < kItems; ++j)
-      if (keys[j]) sum += expf(key_float(keys[j]) - zmax);
+      for (int j = 0; j < kItems; ++j)
+        if (keys[j]) sum += expf(key_float(keys[j]) - zmax);
+    }
     sum = block_reduce(sum, Sum());
   }
   uint32_t thr = 0;  // a chunk no larger than cap keeps everything
@@ -309,7 +311,8 @@ row_kernel(const float* __restrict__ logits, int vocab, float inv_t, int top_k, 
         total = (double)block_reduce(w, Sum());
       } else {  // the whole row's, from the chunk sums
         float w = 0.0f;
-        for (int c = threadIdx.x; c < chunks; c += blockDim.x) w += ci[c].sum * expf(key_float(ci[c].best >> 32) - m);
+        for (int c = threadIdx.x; c < chunks; c += blockDim.x)
+          if (ci[c].sum > 0.0f) w += ci[c].sum * expf(key_float(ci[c].best >> 32) - m);  // masked chunks add nothing
         total = (double)block_reduce(w, Sum()) * kOne;
       }
       const unsigned long long target = (unsigned long long)ceil(top_p * total);
@@ -361,8 +364,13 @@ draw_kernel(const float* __restrict__ logits, int vocab, float inv_t, int flags,
   }
 }
 
+// From top_k + 1 = kChunk on, a chunk's cap-th largest key would leave nothing out: every element would be a
+// candidate, so such a top_k goes straight to the full-row path, with no candidate scratch.
+bool candidates_help(int vocab, int top_k) { return top_k <= 0 || top_k >= vocab || top_k + 1 < kChunk; }
+
 int candidate_cap(int vocab, int top_k) {
-  return top_k > 0 && top_k < vocab ? std::min(kChunk, std::max(kMinCap, top_k + 1)) : kMinCap;
+  if (!candidates_help(vocab, top_k)) return 0;
+  return top_k > 0 && top_k < vocab ? std::max(kMinCap, top_k + 1) : kMinCap;
 }
 
 }  // namespace
@@ -377,6 +385,7 @@ cudaError_t sample_launch(const float* logits, int batch, int vocab, float tempe
                           uint64_t seed, uint64_t offset, bool full_row, int64_t* tokens, bool* kept, void* scratch,
                           cudaStream_t stream) {
   if (top_k >= vocab) top_k = 0;  // keeps everything, as in the torch sampler
+  if (!candidates_help(vocab, top_k)) full_row = true;
   const bool greedy = temperature == 0.0f;
   const bool filter = !greedy && (top_k > 0 || top_p < 1.0);
   // 1 / temperature, then a multiply: what torch's CUDA division by a Python float computes, so keys match its z.

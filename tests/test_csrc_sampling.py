@@ -115,9 +115,16 @@ def op():
 
 
 def make_logits(batch: int, vocab: int, kind: str, seed: int) -> torch.Tensor:
-    x = torch.randn(batch, vocab, generator=torch.Generator().manual_seed(seed)) * 3
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, vocab, generator=gen) * 3
     if kind == "bf16":  # what a bfloat16 lm_head gives: many ties
         x = x.bfloat16().float()
+    if kind == "masked":  # what a constrained decoder hands over: whole chunks of -inf, one row with 50 finite logits
+        finite = torch.randperm(vocab, generator=gen)[:50]
+        row = torch.full((vocab,), float("-inf"))
+        row[finite] = x[0, finite]
+        x[:, : vocab // 2] = float("-inf")
+        x[0] = row
     return x.cuda()
 
 
@@ -125,7 +132,7 @@ def make_logits(batch: int, vocab: int, kind: str, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("vocab", [1000, 151936, 151937])
 @pytest.mark.parametrize("batch", [1, 3, 8])
 def test_kept_set_matches_the_reference(op, batch, vocab):
-    grid = itertools.product(["float", "bf16"], [0.7, 1.0], [1, 20, 1000, 0], [1.0, 0.8, 0.95, 1e-6])
+    grid = itertools.product(["float", "bf16", "masked"], [0.7, 1.0], [1, 20, 1000, 5000, 0], [1.0, 0.8, 0.95, 1e-6])
     for case, (kind, temperature, top_k, top_p) in enumerate(grid):
         logits = make_logits(batch, vocab, kind, seed=case)
         label = f"{kind} T={temperature} top_k={top_k} top_p={top_p}"
