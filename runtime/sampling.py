@@ -8,6 +8,7 @@ whichever applies. The CUDA op stays opt-in until a GPU measurement shows it fas
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -18,6 +19,7 @@ from tandem.kernels.csrc import load_sampling_op, sampling_op_error
 from tandem.models.errors import CheckpointError, InputError
 
 DEFAULT_MAX_TOKENS = 256
+GREEDY_BELOW = 1e-5  # temperatures under this decode greedily
 SAMPLERS = ("torch", "cuda")
 
 
@@ -25,8 +27,10 @@ SAMPLERS = ("torch", "cuda")
 class SamplingParams:
     """How to decode. Fields left as None take the checkpoint's generation_config.json values (see `resolve`).
 
-    temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off. Generation stops at max_tokens, at the
-    checkpoint's end-of-sequence ids (unless ignore_eos) and at any of stop_token_ids.
+    temperature 0 is greedy, and so is any temperature below GREEDY_BELOW (1e-5, as in vLLM: dividing logits by
+    less overflows float32 and would sample from infinities); top_k 0 and top_p 1 switch those filters off.
+    Generation stops at max_tokens, at the checkpoint's end-of-sequence ids (unless ignore_eos) and at any of
+    stop_token_ids.
     """
 
     max_tokens: int = DEFAULT_MAX_TOKENS
@@ -42,13 +46,14 @@ class SamplingParams:
         filled = {f.name: getattr(defaults, f.name) for f in fields(self) if getattr(self, f.name) is None}
         out = replace(self, **filled)
         out._check()
-        return out
+        tiny = out.temperature is not None and 0 < out.temperature < GREEDY_BELOW
+        return replace(out, temperature=0.0) if tiny else out
 
     def _check(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise InputError(f"SamplingParams.max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if self.temperature is not None and self.temperature < 0:
-            raise InputError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
+        if self.temperature is not None and not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise InputError(f"SamplingParams.temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise InputError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):

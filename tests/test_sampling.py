@@ -51,7 +51,17 @@ def test_temperature_sharpens_towards_argmax():
     assert draws.count(1) >= 195
 
 
-@pytest.mark.parametrize("field,value", [("max_tokens", 0), ("temperature", -1.0), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -2)])
+@pytest.mark.parametrize("temperature", [1e-40, 1e-6])
+def test_a_temperature_too_small_for_float32_decodes_greedily(temperature):
+    """logits / 1e-40 overflows float32 (torch's multinomial then refuses inf); under 1e-5 the draw is the argmax."""
+    logits = torch.randn(4, 1000, generator=torch.Generator().manual_seed(2)) * 5
+    params = SamplingParams(temperature=temperature, top_p=0.9).resolve(SamplingParams(temperature=1.0, top_p=1.0, top_k=0))
+    assert params.temperature == 0.0
+    assert torch.equal(sample(logits, params, torch.Generator().manual_seed(0)), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("field,value", [("max_tokens", 0), ("temperature", -1.0), ("temperature", float("nan")),
+                                         ("temperature", float("inf")), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -2)])
 def test_bad_params_name_the_field(field, value):
     with pytest.raises(InputError, match=rf"SamplingParams\.{field}"):
         SamplingParams(**{field: value}).resolve(SamplingParams(temperature=1.0, top_p=1.0, top_k=0))
