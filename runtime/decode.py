@@ -15,16 +15,21 @@ are reserved before it starts, so the block table is written once per generation
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
 
 from tandem.kernels import AttentionMetadata, use_backend
 from tandem.kernels.backend import implementation
+from tandem.models.errors import InputError
 from tandem.models.qwen3_vl import Qwen3VL
 from tandem.runtime.kv_cache import PagePool, Sequence
 
 MIN_WIDTH = 16  # pages: the smallest block-table width captured
+# One capture at a time in the process: torch.cuda.graph synchronizes the device on entry, which would break a
+# capture another thread (verify's other engine) has under way.
+_CAPTURE_LOCK = threading.Lock()
 
 
 @dataclass
@@ -58,12 +63,17 @@ class DecodeRunner:
         self.model, self.pool, self.kernel_backend, self.cuda_graphs = model, pool, kernel_backend, cuda_graphs
         self._buffers: dict[tuple[int, int], _Buffers] = {}  # (rows, width) -> buffers
         self._run: _Run | None = None
+        self._capture_stream: torch.cuda.Stream | None = None
         self.steps = 0
 
     def begin(self, seqs: list[Sequence], rope_deltas: list[int], steps: int,
               key_mass: torch.Tensor | None = None) -> None:
         """Prepare up to `steps` steps on the batch `seqs`. With key_mass [len(seqs), n] float32, the attention
-        each cached key receives is added to it (at `end`)."""
+        each cached key receives is added to it (at `end`). One generation at a time: the step buffers are shared."""
+        if self._run is not None:
+            raise InputError("this engine is already decoding another generation (a stream not yet finished or "
+                             "closed); an engine decodes one at a time: finish or close() the other first, or batch "
+                             "the requests with generate_batch")
         for seq in seqs:
             seq.reserve(steps)
         rows = bucket(len(seqs))
@@ -92,9 +102,7 @@ class DecodeRunner:
         with_mass = run.key_mass is not None
         # A shape's graph is captured at a second step, once the first (eager) one has compiled the kernels.
         if run.graphs and with_mass not in buf.graphs and self.steps > 1:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):  # records the kernels; replay below runs them
-                buf.graphs[with_mass] = (graph, self._forward(buf, with_mass))
+            self._capture(buf, with_mass)
         if run.graphs and with_mass in buf.graphs:
             graph, logits = buf.graphs[with_mass]
             graph.replay()
@@ -111,6 +119,17 @@ class DecodeRunner:
             n = min(run.key_mass.shape[1], run.buffers.key_mass.shape[1])
             run.key_mass[:, :n] += run.buffers.key_mass[: len(run.seqs), :n]
         self._run = None
+
+    def _capture(self, buf: _Buffers, with_mass: bool) -> None:
+        """Record one step of this shape (replay runs it). The other engine's thread may be launching work
+        meanwhile: the capture runs on this runner's own stream (high priority, a pool apart from the streams
+        torch.cuda.Stream() hands out) and checks only this thread's calls; captures take turns."""
+        if self._capture_stream is None:
+            self._capture_stream = torch.cuda.Stream(self.pool.kv.device, priority=-1)
+        graph = torch.cuda.CUDAGraph()
+        with _CAPTURE_LOCK, torch.cuda.graph(graph, stream=self._capture_stream, capture_error_mode="thread_local"):
+            logits = self._forward(buf, with_mass)
+        buf.graphs[with_mass] = (graph, logits)
 
     def _forward(self, buf: _Buffers, with_mass: bool) -> torch.Tensor:
         page_size = self.pool.page_size

@@ -253,22 +253,24 @@ class Engine:
         finished = [False] * batch  # a stop token was yielded
         self.decoder.begin(seqs, rope_deltas, params.max_tokens - 1, key_mass)
         try:
+            # Inference mode around the device work only: the caller's code between yields runs as it would anyway.
             with torch.inference_mode():
                 tokens = sampler(logits)
-                for count in range(1, params.max_tokens + 1):
-                    out[:, count - 1] = tokens
-                    stopped |= torch.isin(tokens, stops)
-                    if count == params.max_tokens or count % poll == 0:
-                        chunks = self._poll(out, emitted, finished, count, stopped, stops)
-                        elapsed = self.now() - start
-                        for b, chunk in enumerate(chunks):
-                            if len(chunk):
-                                timings[b].output_tokens, timings[b].decode_s = emitted[b], elapsed
-                        yield chunks
-                        if all(finished) or count == params.max_tokens:
-                            return
+            for count in range(1, params.max_tokens + 1):
+                out[:, count - 1] = tokens
+                stopped |= (tokens[:, None] == stops).any(-1)  # torch.isin syncs for many stop ids
+                if count == params.max_tokens or count % poll == 0:
+                    chunks = self._poll(out, emitted, finished, count, stopped, stops)
+                    elapsed = self.now() - start
+                    for b, chunk in enumerate(chunks):
+                        if len(chunk):
+                            timings[b].output_tokens, timings[b].decode_s = emitted[b], elapsed
+                    yield chunks
+                    if all(finished) or count == params.max_tokens:
+                        return
+                with torch.inference_mode():
                     tokens = sampler(self.decoder.step(tokens))
-                    self.stats.decode_steps += 1
+                self.stats.decode_steps += 1
         finally:
             self.decoder.end()
 

@@ -141,6 +141,7 @@ class Tandem:
         self.budget = budget
         self.vision_cache = VisionCache(vision_cache_bytes)
         self._towers = {name: tower_fingerprint(e.model.visual) for name, e in self.engines.items()}
+        self._streams: dict[str, torch.cuda.Stream] = {}  # each model's stage stream under overlap, made once
 
     @classmethod
     def from_pretrained(cls, large: str | Path, small: str | Path, device: str | torch.device | None = None,
@@ -205,9 +206,19 @@ class Tandem:
         self._prefix(request, "large")
         self._prefix(request, "small")
         with ThreadPoolExecutor(max_workers=1) as pool:
-            small = pool.submit(_on_own_stream, self.engines["small"].device, small_stage)
-            large = _on_own_stream(self.engines["large"].device, large_stage)
+            small = pool.submit(_on_own_stream, self._stream("small"), small_stage)
+            large = _on_own_stream(self._stream("large"), large_stage)
             return large, small.result()
+
+    def _stream(self, model: str) -> torch.cuda.Stream | None:
+        """The model's own CUDA stream for overlapped stages (None off CUDA), created once and kept, so two stages
+        never share one from torch's rotating pool."""
+        device = self.engines[model].device
+        if device.type != "cuda":
+            return None
+        if model not in self._streams:
+            self._streams[model] = torch.cuda.Stream(device)
+        return self._streams[model]
 
     def _short(self, request: _Request, model: str) -> Stage:
         suffix = self._suffix_ids(request, model, "\n" + self.prompts.short)
@@ -328,17 +339,19 @@ class Tandem:
         return request.chat[model]
 
 
-def _on_own_stream(device: torch.device, stage):
-    """Run `stage` on a new CUDA stream that starts after the work already queued (the prefixes), and wait for
-    it: a stream of its own lets the GPU overlap it with the other model's stage."""
-    if device.type != "cuda":
+def _on_own_stream(stream: torch.cuda.Stream | None, stage):
+    """Run `stage` on `stream` (a stream of its own lets the GPU overlap it with the other model's stage), which
+    starts after the work already queued (the prefixes). The current stream then waits for it, even when the stage
+    fails: its pages are released next, and steps it queued may still be writing to them."""
+    if stream is None:
         return stage()
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        result = stage()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    return result
+    current = torch.cuda.current_stream(stream.device)
+    stream.wait_stream(current)
+    try:
+        with torch.cuda.stream(stream):
+            return stage()
+    finally:
+        current.wait_stream(stream)
 
 
 def _check_same_tokenizer(large: Engine, small: Engine) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tandem.models.errors import InputError
 from tandem.runtime import Engine, SamplingParams
@@ -95,6 +96,27 @@ def test_abandoned_stream_releases_its_pages(engine, messages):
     assert engine.pool.pages_in_use > 0
     stream.close()
     assert engine.pool.pages_in_use == 0
+
+
+def test_the_callers_code_between_streamed_pieces_is_not_in_inference_mode(engine, messages):
+    for piece in engine.stream(messages, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)):
+        assert not torch.is_inference_mode_enabled()
+        assert torch.ones(2, requires_grad=True).sum().requires_grad  # autograd works in the loop body
+
+
+def test_a_second_generation_during_a_stream_is_refused_and_the_first_goes_on(engine, messages):
+    """The decode step's buffers belong to one generation at a time: a second one started while a stream is half
+    read is refused (its pages released), and the stream still gives the reply it gives alone."""
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    alone = engine.generate(messages, params).text
+    stream = engine.stream(messages, params)
+    first = next(stream)
+    in_use = engine.pool.pages_in_use
+    with pytest.raises(InputError, match="already decoding another generation"):
+        engine.generate(prompt_token_ids=[1, 2, 3], sampling=params)
+    assert engine.pool.pages_in_use == in_use
+    assert first + "".join(stream) == alone
+    assert engine.pool.pages_in_use == 0 and engine.generate(messages, params).text == alone
 
 
 @pytest.mark.parametrize("kwargs,pattern", [

@@ -76,14 +76,17 @@ def test_real_size_2b_against_transformers(real_2b):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cuda_graph_decode_equals_eager_decode(tiny_8b, dtype, batch):
     """Greedy tokens with every decode step replayed from a CUDA graph equal those of eager steps, at batch 1, 3
-    (padded to 4) and 8; the second request replays graphs captured by the first."""
+    (padded to 4) and 8; the second batch (other images and questions, so other lengths, in the same step shape)
+    replays the graphs captured by the first."""
     greedy = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
-    requests = [messages(f"What is in picture {i}?", (300 - 16 * i, 260 + 8 * i)) for i in range(batch)]
+    batches = [[messages(f"What is in picture {i}?", (300 - 16 * i, 260 + 8 * i)) for i in range(batch)],
+               [messages(f"Describe image number {i} in a few words.", (200 + 24 * i, 180 + 16 * i)) for i in range(batch)]]
     outs = {}
     for graphs in (False, True):
         engine = Engine.from_pretrained(tiny_8b, device="cuda", dtype=dtype, kv_cache_tokens=16384,
                                         kernel_backend="triton", cuda_graphs=graphs)
-        outs[graphs] = [[o.token_ids for o in engine.generate_batch(requests, greedy)] for _ in range(2)]
+        outs[graphs] = [[o.token_ids for o in engine.generate_batch(requests, greedy)] for requests in batches]
+        assert len(engine.decoder._buffers) == 1  # both batches ran in one step shape
         assert bool(engine.decoder._buffers) and any(b.graphs for b in engine.decoder._buffers.values()) == graphs
     assert outs[True] == outs[False]
 
@@ -105,3 +108,24 @@ def test_profile_sees_the_kernels_inside_cuda_graphs(tiny_8b):
         norm = [r for r in profile["rows"] if r["name"] == "_rms_norm_kernel"]
         assert norm and norm[0]["calls"] == 2 * layers + 1, profile["rows"]
         assert 0 < profile["busy_ms_per_step"] <= profile["wall_ms_per_step"]
+
+
+def test_overlapped_verify_on_fresh_engines_equals_sequential(tiny_8b, tiny_2b):
+    """verify's two first stages run at once, on two threads and two CUDA streams, on engines that have captured
+    no CUDA graph yet: both engines capture their first shapes (and the key-mass variant, keep="attention") while
+    the other one is working. Every request, with images of several sizes (new block-table widths, new captures),
+    gives the tokens of the same pair run one stage after the other."""
+    from tandem.runtime import Budget, Tandem
+
+    def pair(overlap: bool) -> Tandem:
+        large, small = (Engine.from_pretrained(path, device="cuda", dtype="bfloat16", kv_cache_tokens=16384,
+                                               kernel_backend="triton") for path in (tiny_8b, tiny_2b))
+        return Tandem(large, small, budget=Budget(short_tokens=6, reason_tokens=40, temperature=0.0), overlap=overlap)
+
+    images = [random_image(h, w, seed=h) for h, w in [(224, 224), (448, 320), (96, 640), (224, 224), (700, 500)]]
+    runs = {}
+    for overlap in (True, False):
+        tandem = pair(overlap)
+        runs[overlap] = [[s.output_ids for s in tandem.answer(image, "What is shown?", policy="verify",
+                                                                keep="attention").stages] for image in images * 2]
+    assert runs[True] == runs[False]
