@@ -436,10 +436,13 @@ def bench_decode(built: Built, s: BenchSettings, progress: Progress, floor_ms: f
     runners = {"tandem": lambda L: _tandem_decode(engine, ids, L)}
     if built.hf is not None:
         runners["hf_eager"] = lambda L: _hf_decode(built.hf, ids_t, L, device)
-    warm = min(max(s.lengths), 16)
-    for name, run in runners.items():
-        run(warm)
-        progress.step(f"decode warm-up {name}")
+    # Tandem warms up at every length: each block-table width compiles its kernels and captures its CUDA graph once.
+    for L in s.lengths:
+        runners["tandem"](L)
+    progress.step("decode warm-up tandem")
+    if "hf_eager" in runners:  # nothing to compile: one short run
+        runners["hf_eager"](min(max(s.lengths), 16))
+        progress.step("decode warm-up hf_eager")
     runs: dict[str, dict[int, list[dict]]] = {name: {L: [] for L in s.lengths} for name in runners}
     for rep in range(s.repeats):
         for L in s.lengths:
@@ -810,11 +813,11 @@ def run_benchmark(settings: BenchSettings, command: str, out_dir: Path | None = 
                 if "vision" in s.parts:
                     result["vision"] = bench_vision(built, s, bar)
                     save()
-                if "profile" in s.parts:
-                    result["profile"] = bench_profiles(built, s, bar)
-                    save()
                 if "decode" in s.parts:
                     result["decode"]["columns"]["hf_compiled"] = bench_decode_compiled(built, s, bar, floor_ms)
+                    save()
+                if "profile" in s.parts:  # last: no CUDA graph is captured after a profiler session
+                    result["profile"] = bench_profiles(built, s, bar)
                     save()
                 del built
                 _free(device)

@@ -91,25 +91,6 @@ def test_cuda_graph_decode_equals_eager_decode(tiny_8b, dtype, batch):
     assert outs[True] == outs[False]
 
 
-def test_profile_sees_the_kernels_inside_cuda_graphs(tiny_8b):
-    """The bench's decode profile counts the same Triton kernels per step whether the steps are graph replays or
-    launched one by one (CUPTI reports kernels inside graphs): RMSNorm runs twice per layer and once at the end.
-    Turning cuda_graphs off on a built engine really stops the replays."""
-    from tandem.models.tiny import PRESETS
-    from tandem.runtime.bench_profile import profile_decode
-
-    engine = Engine.from_pretrained(tiny_8b, device="cuda", dtype="bfloat16", kv_cache_tokens=16384,
-                                    kernel_backend="triton")
-    layers = PRESETS["8b-like"]["text_config"]["num_hidden_layers"]
-    params = SamplingParams(max_tokens=2 * engine.poll_every + 32, temperature=0.0, ignore_eos=True)
-    for graphs in (True, False):
-        profile = profile_decode(engine, list(range(1000, 1040)), 32, params, graphs)
-        assert profile["cuda_graphs"] is graphs and profile["steps"] == 32
-        norm = [r for r in profile["rows"] if r["name"] == "_rms_norm_kernel"]
-        assert norm and norm[0]["calls"] == 2 * layers + 1, profile["rows"]
-        assert 0 < profile["busy_ms_per_step"] <= profile["wall_ms_per_step"]
-
-
 def test_overlapped_verify_on_fresh_engines_equals_sequential(tiny_8b, tiny_2b):
     """verify's two first stages run at once, on two threads and two CUDA streams, on engines that have captured
     no CUDA graph yet: both engines capture their first shapes (and the key-mass variant, keep="attention") while
@@ -129,3 +110,23 @@ def test_overlapped_verify_on_fresh_engines_equals_sequential(tiny_8b, tiny_2b):
         runs[overlap] = [[s.output_ids for s in tandem.answer(image, "What is shown?", policy="verify",
                                                                 keep="attention").stages] for image in images * 2]
     assert runs[True] == runs[False]
+
+
+def test_profile_sees_the_kernels_inside_cuda_graphs(tiny_8b):
+    """The bench's decode profile counts the same Triton kernels per step whether the steps are graph replays or
+    launched one by one (CUPTI reports kernels inside graphs): RMSNorm runs twice per layer and once at the end.
+    Turning cuda_graphs off on a built engine really stops the replays. Last in this file: no CUDA graph is
+    captured after a profiler session (the order that has broken CUPTI before)."""
+    from tandem.models.tiny import PRESETS
+    from tandem.runtime.bench_profile import profile_decode
+
+    engine = Engine.from_pretrained(tiny_8b, device="cuda", dtype="bfloat16", kv_cache_tokens=16384,
+                                    kernel_backend="triton")
+    layers = PRESETS["8b-like"]["text_config"]["num_hidden_layers"]
+    params = SamplingParams(max_tokens=2 * engine.poll_every + 32, temperature=0.0, ignore_eos=True)
+    for graphs in (True, False):
+        profile = profile_decode(engine, list(range(1000, 1040)), 32, params, graphs)
+        assert profile["cuda_graphs"] is graphs and profile["steps"] == 32
+        norm = [r for r in profile["rows"] if r["name"] == "_rms_norm_kernel"]
+        assert norm and norm[0]["calls"] == 2 * layers + 1, profile["rows"]
+        assert 0 < profile["busy_ms_per_step"] <= profile["wall_ms_per_step"]
