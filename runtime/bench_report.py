@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 COLUMNS = {"tandem": "Tandem", "hf_eager": "HF eager", "hf_compiled": "HF static+compile"}
@@ -17,10 +18,17 @@ PROFILE_ROWS = 15  # rows of each profile the summary prints (bench.json keeps t
 def write_outputs(result: dict, out_dir: Path) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    (out_dir / "summary.txt").write_text(format_summary(result) + "\n", encoding="utf-8")
-    if "decode" in result:
+    _replace(out_dir / "bench.json", json.dumps(result, indent=2, allow_nan=False) + "\n")
+    _replace(out_dir / "summary.txt", format_summary(result) + "\n")
+    if "decode" in result and "unavailable" not in result["decode"]:
         plot_latency(result, out_dir / "latency.png")
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write whole or not at all: a run killed mid-write leaves the previous part's file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _where(result: dict) -> str:
@@ -53,39 +61,40 @@ def format_summary(result: dict) -> str:
         lines.append(f"floor: {f['decode_weight_bytes'] / 1e9:.3f} GB / {f['bandwidth_gb_s']:.1f} GB/s copy bandwidth "
                      f"(median of {len(f['copy_samples_ms'])} copies of {f['copy_bytes'] / 2**20:.0f} MiB) = "
                      f"{f['ms_per_token']:.4f} ms per token")
-    if "decode" in result:
-        lines += ["", *_decode_table(result)]
-    if "batch" in result:
-        lines += ["", *_batch_table(result)]
-    if "prefill" in result:
-        p = result["prefill"]
-        lines += ["", f"Prefill ms, random text prompt, on {_where(result)}",
-                  f"{'tokens':>7} | {'Tandem':>10} | {'HF eager':>10} | {'Tandem tok/s':>12}"]
-        hf = p["columns"]["hf_eager"]
-        for i, n in enumerate(p["prompt_tokens"]):
-            lines.append(f"{n:>7} | {_f(p['columns']['tandem']['ms'][i], 10)} | "
-                         f"{_f(None if 'unavailable' in hf else hf['ms'][i], 10)} | "
-                         f"{p['columns']['tandem']['tokens_per_s'][i]:>12.0f}")
-        lines += _unavailable_notes(p["columns"])
-    if "vision" in result:
-        v = result["vision"]
-        lines += ["", f"Vision encoder ms, one square image (Tandem's preprocessing timed apart; first token: the "
-                      f"whole request with a one-line question, max_tokens=1), on {_where(result)}",
-                  f"{'image':>6} | {'resized':>9} | {'patches':>7} | {'tokens':>6} | {'preprocess':>10} | "
-                  f"{'Tandem':>9} | {'HF eager':>9} | {'first token':>11}"]
-        hf = v["columns"]["hf_eager"]
-        for i, size in enumerate(v["sizes"]):
-            h, w = v["resized"][i]
-            lines.append(f"{size:>6} | {f'{h}x{w}':>9} | {v['patches'][i]:>7} | {v['image_tokens'][i]:>6} | "
-                         f"{_f(v['columns']['tandem']['preprocess_ms'][i], 10)} | {_f(v['columns']['tandem']['ms'][i], 9)} | "
-                         f"{_f(None if 'unavailable' in hf else hf['ms'][i], 9)} | "
-                         f"{_f(v['columns']['tandem']['first_token_ms'][i], 11)}")
-        lines += _unavailable_notes(v["columns"])
-    if "profile" in result:
-        lines += ["", *_profile_tables(result)]
-    if "policies" in result:
-        lines += ["", *_policy_table(result)]
+    tables = {"decode": _decode_table, "batch": _batch_table, "prefill": _prefill_table, "vision": _vision_table,
+              "profile": _profile_tables, "policies": _policy_table}
+    for part, table in tables.items():
+        if part in result:
+            failed = result[part].get("unavailable")
+            lines += ["", *([f"{part}: unavailable: {failed}"] if failed else table(result))]
     return "\n".join(lines)
+
+
+def _prefill_table(result: dict) -> list[str]:
+    p = result["prefill"]
+    lines = [f"Prefill ms, random text prompt, on {_where(result)}",
+             f"{'tokens':>7} | {'Tandem':>10} | {'HF eager':>10} | {'Tandem tok/s':>12}"]
+    hf = p["columns"]["hf_eager"]
+    for i, n in enumerate(p["prompt_tokens"]):
+        lines.append(f"{n:>7} | {_f(p['columns']['tandem']['ms'][i], 10)} | "
+                     f"{_f(None if 'unavailable' in hf else hf['ms'][i], 10)} | "
+                     f"{p['columns']['tandem']['tokens_per_s'][i]:>12.0f}")
+    return lines + _unavailable_notes(p["columns"])
+
+
+def _vision_table(result: dict) -> list[str]:
+    v = result["vision"]
+    lines = [f"Vision encoder ms, one square image (Tandem's preprocessing timed apart; first token: the whole "
+             f"request with a one-line question, max_tokens=1), on {_where(result)}",
+             f"{'image':>6} | {'resized':>9} | {'patches':>7} | {'tokens':>6} | {'preprocess':>10} | "
+             f"{'Tandem':>9} | {'HF eager':>9} | {'first token':>11}"]
+    hf, tandem = v["columns"]["hf_eager"], v["columns"]["tandem"]
+    for i, size in enumerate(v["sizes"]):
+        h, w = v["resized"][i]
+        lines.append(f"{size:>6} | {f'{h}x{w}':>9} | {v['patches'][i]:>7} | {v['image_tokens'][i]:>6} | "
+                     f"{_f(tandem['preprocess_ms'][i], 10)} | {_f(tandem['ms'][i], 9)} | "
+                     f"{_f(None if 'unavailable' in hf else hf['ms'][i], 9)} | {_f(tandem['first_token_ms'][i], 11)}")
+    return lines + _unavailable_notes(v["columns"])
 
 
 def _decode_table(result: dict) -> list[str]:
@@ -119,8 +128,6 @@ def _batch_table(result: dict) -> list[str]:
 
 def _profile_tables(result: dict) -> list[str]:
     p = result["profile"]
-    if "unavailable" in p:
-        return [f"Profile on {_where(result)}: unavailable: {p['unavailable']}"]
     what = "kernel" if result["machine"]["device"] == "cuda" else "operator (self time)"
     lines = [f"Profile (torch.profiler; wall includes its overhead), decode at batch 1, prompt {p['prompt_tokens']} "
              f"tokens, on {_where(result)}"]

@@ -62,6 +62,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -621,16 +622,8 @@ def bench_vision(built: Built, s: BenchSettings, progress: Progress) -> dict:
 
 def bench_profiles(built: Built, s: BenchSettings, progress: Progress) -> dict:
     """torch.profiler views of a decode step (with CUDA graphs and, where the engine uses them, without) and of a
-    first token with one image; see tandem.runtime.bench_profile. A profiler that cannot run is reported, not fatal:
-    it only explains the figures the other parts measured."""
-    try:
-        return _profiles(built.engine, s, progress)
-    except Exception as e:  # noqa: BLE001 - reported in bench.json and the summary
-        progress.step("profile failed", 0)
-        return _unavailable(_error_text(e))
-
-
-def _profiles(engine: Engine, s: BenchSettings, progress: Progress) -> dict:
+    first token with one image; see tandem.runtime.bench_profile."""
+    engine = built.engine
     ids = text_ids(s.decode_prompt_tokens, s.seed)
     # The first poll runs before the window, which closes at the poll that reaches profile_steps.
     params = forced_greedy(2 * engine.poll_every + s.profile_steps)
@@ -764,6 +757,16 @@ def _kernels(s: BenchSettings) -> dict:
                 "ops": implementation(s.torch_device), "vision_attention": implementation(s.torch_device, has_flash=True)}
 
 
+def _measured(name: str, part, *args) -> dict:
+    """A part's result, or {"unavailable": why} when it fails (a transformers call that breaks on one device, a
+    profiler that cannot start): the failure is reported, with its traceback on stderr, and later parts still run."""
+    try:
+        return part(*args)
+    except Exception as e:  # noqa: BLE001 - reported in bench.json and the summary
+        traceback.print_exc()
+        return _unavailable(f"{name} failed: {_error_text(e)}")
+
+
 def run_benchmark(settings: BenchSettings, command: str, out_dir: Path | None = None, progress: bool = True) -> dict:
     """Run every requested part; write bench.json / summary.txt / latency.png under out_dir after each part (a run
     cut short keeps what it measured, with "complete": false). Returns the result dictionary."""
@@ -801,28 +804,22 @@ def run_benchmark(settings: BenchSettings, command: str, out_dir: Path | None = 
                     result["floor"] = measure_floor(device, s.copy_bytes, built.decode_weight_bytes)
                     floor_ms = result["floor"]["ms_per_token"]
                     bar.step("copy bandwidth")
-                if "decode" in s.parts:
-                    result["decode"] = bench_decode(built, s, bar, floor_ms)
-                    save()
-                if "batch" in s.parts:
-                    result["batch"] = bench_batch(built, s, bar, floor_ms)
-                    save()
-                if "prefill" in s.parts:
-                    result["prefill"] = bench_prefill(built, s, bar)
-                    save()
-                if "vision" in s.parts:
-                    result["vision"] = bench_vision(built, s, bar)
-                    save()
-                if "decode" in s.parts:
+                parts = {"decode": (bench_decode, floor_ms), "batch": (bench_batch, floor_ms),
+                         "prefill": (bench_prefill,), "vision": (bench_vision,)}
+                for name, (part, *extra) in parts.items():
+                    if name in s.parts:
+                        result[name] = _measured(name, part, built, s, bar, *extra)
+                        save()
+                if "columns" in result.get("decode", {}):
                     result["decode"]["columns"]["hf_compiled"] = bench_decode_compiled(built, s, bar, floor_ms)
                     save()
                 if "profile" in s.parts:  # last: no CUDA graph is captured after a profiler session
-                    result["profile"] = bench_profiles(built, s, bar)
+                    result["profile"] = _measured("profile", bench_profiles, built, s, bar)
                     save()
                 del built
                 _free(device)
             if "policies" in s.parts:
-                result["policies"] = bench_policies(s, files, bar)
+                result["policies"] = _measured("policies", bench_policies, s, files, bar)
         result["complete"] = True
         save()
     finally:

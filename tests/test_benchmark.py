@@ -293,6 +293,24 @@ def test_skip_hf_and_a_subset_of_parts(tmp_path):
     assert (tmp_path / "latency.png").is_file() and "HF eager: unavailable: skipped (--skip-hf)" in printed
 
 
+def test_a_failing_part_is_reported_and_the_others_still_run(tmp_path, monkeypatch):
+    """A part that raises (here prefill, made to fail) becomes {"unavailable": why}; the parts after it run, the
+    run completes, and the summary says which part failed and why."""
+    from tandem.runtime import benchmark
+
+    def broken(*args):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(benchmark, "bench_prefill", broken)
+    code, printed = _run(["bench", "--quick", "--parts", "decode,prefill,vision", "--skip-hf", "--device", "cpu",
+                          "--repeats", "1", "--lengths", "2", "--image-sizes", "64", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert code == 0 and data["complete"]
+    assert data["prefill"] == {"unavailable": "prefill failed: RuntimeError: injected failure"}
+    assert data["decode"]["columns"]["tandem"]["tokens"] == [[2]] and data["vision"]["sizes"] == [64]
+    assert "prefill: unavailable: prefill failed: RuntimeError: injected failure" in printed
+
+
 @pytest.mark.parametrize("args, message", [
     (["--preset", "qwen3-vl-70b"], "unknown preset 'qwen3-vl-70b'"),
     (["--pair", "8b-like,nope"], "unknown preset 'nope'"),
