@@ -3,7 +3,8 @@
     python -m pytest bench/test_kernels.py --benchmark-json=bench.json && python bench/report.py bench.json
 
 Every case records the bytes it must move at least (inputs read once, outputs written once), so the report can
-give achieved bandwidth against the device's measured copy bandwidth (test_device_copy).
+give achieved bandwidth against the device's measured copy bandwidth (test_device_copy). Calls are timed in
+batches of CALLS inside a CUDA graph (see `run`), so a small kernel's figure is not the host's launch cost.
 """
 
 from __future__ import annotations
@@ -27,16 +28,34 @@ DTYPE = torch.bfloat16
 PAGE = 16
 
 
-def run(benchmark, fn, bytes_moved: int) -> None:
-    """Time fn with the device synchronised after each call; median over rounds is what the report uses."""
+CALLS = 20  # calls of fn per timed round: one device sync per round, not per call
+
+
+def run(benchmark, fn, bytes_moved: int, graph: bool = True) -> None:
+    """Time CALLS calls of fn per round, the device synchronised once per round; the report divides the median round
+    by CALLS. With graph (the default) the calls are captured in a CUDA graph and each round replays it: kernels
+    then follow each other with a graph's launch gaps, as in Tandem's decode step, so a small kernel's time is its
+    own and not the host's launch cost. graph=False (or an fn that cannot be captured) times eager launches: what
+    code outside the graph, like the sampler, costs."""
+    fn()  # compiles the Triton kernels and builds the op, never inside a capture
+    torch.cuda.synchronize()
+    timed = "eager"
+    body = lambda: [fn() for _ in range(CALLS)]  # noqa: E731
+    if graph:
+        try:
+            replayed = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(replayed):
+                body()
+            body, timed = replayed.replay, "cuda graph"
+        except RuntimeError:  # an op that cannot be captured: timed eagerly, and said so
+            torch.cuda.synchronize()
 
     def call():
-        fn()
+        body()
         torch.cuda.synchronize()
 
-    call()
-    benchmark.extra_info["bytes"] = bytes_moved
-    benchmark.pedantic(call, rounds=50, iterations=10, warmup_rounds=5)
+    benchmark.extra_info.update(bytes=bytes_moved, calls=CALLS, timed=timed)
+    benchmark.pedantic(call, rounds=20, iterations=1, warmup_rounds=3)
 
 
 def nbytes(*tensors: torch.Tensor) -> int:
@@ -148,8 +167,8 @@ def test_prefill_attention(benchmark, impl):
     k_cache, v_cache, table = _paged(k, v)
     lens = torch.tensor([n], device="cuda", dtype=torch.int32)
     cu = torch.tensor([0, n], device="cuda", dtype=torch.int32)
-    if impl == "sdpa":  # what an unpaged engine runs: contiguous K/V, causal
-        qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+    if impl == "sdpa":  # what an unpaged engine runs: contiguous K/V, causal; 4-D, so SDPA can pick a fused kernel
+        qt, kt, vt = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
         fn = lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
     else:
         fn = triton(lambda: ops.prefill_attention(q, k_cache, v_cache, table, lens, cu, n, dim**-0.5))
@@ -227,4 +246,4 @@ def test_sampling(benchmark, impl, case, batch):
         if op is None:
             pytest.skip(f"the CUDA sampling op did not load: {sampling_op_error()}")
         fn = lambda: op.sample(logits, 0.7, top_k, top_p, 1234, 0)
-    run(benchmark, fn, nbytes(logits) + 8 * batch)
+    run(benchmark, fn, nbytes(logits) + 8 * batch, graph=False)  # the engine samples outside its graph

@@ -94,12 +94,13 @@ def _gather_pages(k_cache, v_cache, block_table: torch.Tensor, n: int) -> tuple[
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """q [L, H, D], k/v [S, Hkv, D] -> [L, H, D]; softmax(q k^T * scale + mask) v with GQA head sharing."""
+    """q [L, H, D], k/v [S, Hkv, D] -> [L, H, D]; softmax(q k^T * scale + mask) v with GQA head sharing.
+    SDPA gets [1, H, L, D]: its fused kernels take 4-D inputs only (3-D falls back to the unfused math path)."""
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale,
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=mask, scale=scale,
         enable_gqa=q.shape[1] != k.shape[1],
     )
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1)
 
 
 def _probabilities(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
