@@ -24,9 +24,15 @@ from tandem.runtime.engine import Engine
 from tandem.runtime.sampling import SamplingParams
 
 
-def profile_decode(engine: Engine, prompt_ids: list[int], steps: int, params: SamplingParams, graphs: bool) -> dict:
-    """Profile at least `steps` decode steps (whole polls) of `prompt_ids`; params must allow the prompt's first
-    poll plus `steps` more (forced length, greedy). `graphs` turns the engine's CUDA graphs on or off meanwhile."""
+def forced_greedy(tokens: int) -> SamplingParams:
+    """Exactly `tokens` greedy tokens: every timed or profiled Tandem generation decodes a forced length."""
+    return SamplingParams(max_tokens=tokens, temperature=0.0, top_p=1.0, top_k=0, ignore_eos=True)
+
+
+def profile_decode(engine: Engine, prompt_ids: list[int], steps: int, graphs: bool) -> dict:
+    """Profile at least `steps` decode steps (whole polls) of a forced-length greedy reply to `prompt_ids`.
+    `graphs` turns the engine's CUDA graphs on or off meanwhile."""
+    params = forced_greedy(2 * engine.poll_every + steps)  # the first poll, then the window up to the poll past steps
     previous = engine.decoder.cuda_graphs
     engine.decoder.cuda_graphs = graphs
     replays = engine.decoder.graphable()
@@ -52,8 +58,9 @@ def profile_decode(engine: Engine, prompt_ids: list[int], steps: int, params: Sa
             "rows": rows}
 
 
-def profile_first_token(engine: Engine, messages: list[dict], params: SamplingParams) -> dict:
-    """Profile one request's first token (params: max_tokens=1) after an untimed run of the same shapes."""
+def profile_first_token(engine: Engine, messages: list[dict]) -> dict:
+    """Profile one request's first token (max_tokens=1) after an untimed run of the same shapes."""
+    params = forced_greedy(1)
     engine.generate(messages, params)
     with profile(activities=_activities(engine.device)) as prof:
         start = engine.now()

@@ -80,12 +80,12 @@ from tandem.models.loader import load_model_from_state_dict
 from tandem.models.qwen3_vl import Qwen3VL
 from tandem.models.tiny import GENERATION_CONFIG, PRESETS, perturb_weights, write_support_files
 from tandem.models.tokenizer import Tokenizer
-from tandem.runtime.bench_profile import profile_decode, profile_first_token
+from tandem.runtime.bench_profile import forced_greedy, profile_decode, profile_first_token
 from tandem.runtime.bench_report import write_outputs
 from tandem.runtime.engine import DEFAULT_PAGE_SIZE, Engine, device_clock, parse_dtype
 from tandem.runtime.kv_cache import PagePool
 from tandem.runtime.pipeline import POLICIES, Budget, Tandem
-from tandem.runtime.sampling import SamplingParams, checkpoint_defaults
+from tandem.runtime.sampling import checkpoint_defaults
 
 PARTS = ("decode", "batch", "prefill", "vision", "profile", "policies")
 SEQUENTIAL_VERIFY = "verify (sequential)"  # verify with its two first stages one after the other: the overlap's gain
@@ -328,9 +328,9 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def forced_greedy(tokens: int) -> SamplingParams:
-    """Exactly `tokens` greedy tokens: every timed Tandem generation decodes a forced length."""
-    return SamplingParams(max_tokens=tokens, temperature=0.0, top_p=1.0, top_k=0, ignore_eos=True)
+def image_question(image: np.ndarray) -> list[dict]:
+    """The one-image request of the first-token measurements: the image and QUESTION in one user turn."""
+    return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": QUESTION}]}]
 
 
 def text_ids(n: int, seed: int) -> list[int]:
@@ -587,7 +587,7 @@ def bench_vision(built: Built, s: BenchSettings, progress: Progress) -> dict:
             progress.step(f"vision tandem {size}px")
         preprocess.append(pre)
         tandem.append(enc)
-        question = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": QUESTION}]}]
+        question = image_question(image)
         first = []
         for i in range(1 + s.repeats):
             start = engine.now()
@@ -625,17 +625,13 @@ def bench_profiles(built: Built, s: BenchSettings, progress: Progress) -> dict:
     first token with one image; see tandem.runtime.bench_profile."""
     engine = built.engine
     ids = text_ids(s.decode_prompt_tokens, s.seed)
-    # The first poll runs before the window, which closes at the poll that reaches profile_steps.
-    params = forced_greedy(2 * engine.poll_every + s.profile_steps)
     decode = {}
     for name, graphs in (("cuda graphs", True), ("eager launches", False)):
         if graphs and not engine.decoder.graphable():
             continue
-        decode[name] = profile_decode(engine, ids, s.profile_steps, params, graphs)
+        decode[name] = profile_decode(engine, ids, s.profile_steps, graphs)
         progress.step(f"profile decode, {name}")
-    image = bench_image(s.policy_image_size, s.seed + 7)
-    question = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": QUESTION}]}]
-    first_token = profile_first_token(engine, question, forced_greedy(1))
+    first_token = profile_first_token(engine, image_question(bench_image(s.policy_image_size, s.seed + 7)))
     progress.step("profile first token")
     return {"prompt_tokens": s.decode_prompt_tokens, "decode": decode, "first_token": first_token,
             "image_size": [s.policy_image_size, s.policy_image_size], "question": QUESTION}

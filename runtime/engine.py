@@ -193,10 +193,7 @@ class Engine:
         self.check_fits(len(prompt.token_ids), len(prompt.token_ids))
         seq = Sequence(self.pool)
         try:
-            with torch.inference_mode():
-                vision = self.encode_images(prompt.images) if prompt.images else None
-                ids = torch.tensor(prompt.token_ids, device=self.device)
-                return self.prefill(seq, ids, prompt.positions, vision, logits="all")
+            return self._prefill_prompt(seq, prompt, Timings(), logits="all")
         finally:
             seq.release()
 
@@ -258,7 +255,7 @@ class Engine:
                 tokens = sampler(logits)
             for count in range(1, params.max_tokens + 1):
                 out[:, count - 1] = tokens
-                stopped |= (tokens[:, None] == stops).any(-1)  # torch.isin syncs for many stop ids
+                stopped |= _is_stop(tokens, stops)
                 if count == params.max_tokens or count % poll == 0:
                     chunks = self._poll(out, emitted, finished, count, stopped, stops)
                     elapsed = self.now() - start
@@ -283,7 +280,7 @@ class Engine:
         for b, done in enumerate(stopped.tolist()):
             end = emitted[b] if finished[b] else count
             if done and not finished[b]:
-                end = emitted[b] + int(torch.isin(out[b, emitted[b]:count], stops).int().argmax()) + 1
+                end = emitted[b] + int(_is_stop(out[b, emitted[b]:count], stops).int().argmax()) + 1
                 finished[b] = True
             chunks.append(out[b, emitted[b]:end])
             emitted[b] = end
@@ -321,17 +318,18 @@ class Engine:
             for seq in seqs:
                 seq.release()
 
-    def _prefill_prompt(self, seq: Sequence, prompt: Prompt, timings: Timings) -> torch.Tensor:
-        """Encode the prompt's images and prefill it into `seq` -> the last position's logits [1, vocab]."""
+    def _prefill_prompt(self, seq: Sequence, prompt: Prompt, timings: Timings, logits: str = "last") -> torch.Tensor:
+        """Encode the prompt's images and prefill it into `seq` -> logits (see `prefill`: "last" [1, vocab] or
+        "all" [n, vocab])."""
         timings.prompt_tokens = len(prompt.token_ids)
         start = self.now()
         vision = self.encode_images(prompt.images) if prompt.images else None
         prefill_start = self.now()
         timings.vision_s = prompt.preprocess_s + prefill_start - start
         timings.image_tokens = sum(vision.tokens_per_image) if vision else 0
-        logits = self.prefill(seq, torch.tensor(prompt.token_ids, device=self.device), prompt.positions, vision)
+        out = self.prefill(seq, torch.tensor(prompt.token_ids, device=self.device), prompt.positions, vision, logits)
         timings.prefill_s = self.now() - prefill_start
-        return logits
+        return out
 
     def _forward(self, seq: Sequence, ids: torch.Tensor, positions: torch.Tensor,
                  image_embeds: torch.Tensor | None = None, visual: VisualTokens | None = None) -> torch.Tensor:
@@ -385,6 +383,11 @@ class Engine:
     def now(self) -> float:
         """A clock reading after the device has finished this stream's work (see device_clock)."""
         return device_clock(self.device)
+
+
+def _is_stop(tokens: torch.Tensor, stops: torch.Tensor) -> torch.Tensor:
+    """Which of `tokens` are stop ids, on the device without a host sync (torch.isin syncs for 10+ ids)."""
+    return (tokens[..., None] == stops).any(-1)
 
 
 def device_clock(device: torch.device) -> float:
