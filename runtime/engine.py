@@ -36,6 +36,7 @@ class Timings:
     prompt_tokens: int = 0
     image_tokens: int = 0
     output_tokens: int = 0
+    decode_steps: int = 0  # decode forward passes run (a batch's rows share them); steps past a stop included
 
     @property
     def decode_ms_per_token(self) -> float:
@@ -269,6 +270,8 @@ class Engine:
                     tokens = sampler(self.decoder.step(tokens))
                 self.stats.decode_steps += 1
         finally:
+            for t in timings:
+                t.decode_steps = self.decoder.steps
             self.decoder.end()
 
     @staticmethod
