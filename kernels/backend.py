@@ -11,12 +11,13 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
 import torch
+
+from tandem.kernels import env
 
 BACKENDS = ("auto", "torch", "triton")
 _override: ContextVar[str | None] = ContextVar("tandem_kernel_backend", default=None)
@@ -39,7 +40,7 @@ def use_backend(name: str | None) -> Iterator[None]:
 
 
 def requested_backend() -> str:
-    return _override.get() or check_backend(os.environ.get("TANDEM_KERNEL_BACKEND", "auto"))
+    return _override.get() or check_backend(env.kernel_backend())
 
 
 def implementation(device: torch.device, has_flash: bool = False) -> str:
@@ -49,7 +50,7 @@ def implementation(device: torch.device, has_flash: bool = False) -> str:
         if device.type != "cuda":
             return "torch"
         return "flash" if has_flash and flash_attn_available() else "triton"
-    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if name == "triton" and device.type != "cuda" and not env.triton_interpreter():
         raise ValueError("the triton kernel backend needs CUDA tensors, or TRITON_INTERPRET=1 to run on the CPU")
     return name
 

@@ -9,11 +9,12 @@ then says why: callers fall back to the torch sampler. Nothing is built or impor
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 from types import ModuleType
 
 import torch
+
+from tandem.kernels import env
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 _sampling_error: str | None = None
@@ -36,8 +37,7 @@ def load_sampling_op() -> ModuleType | None:
         _sampling_error = f"needs compute capability 8.0 or later, the device has {major}.{minor}"
         return None
     arch = f"{major}{minor}"
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tandem" / "torch_extensions"
-    build = cache / f"sampling-torch{torch.__version__}-cuda{torch.version.cuda}-sm{arch}"
+    build = env.cache_dir() / "torch_extensions" / f"sampling-torch{torch.__version__}-cuda{torch.version.cuda}-sm{arch}"
     try:
         from torch.utils.cpp_extension import load
 

@@ -10,7 +10,6 @@ import copy
 import importlib.util
 import json
 import math
-import os
 import re
 import shutil
 import tempfile
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from tandem.kernels import env
 
 # Bump when anything below changes what a build writes, so stale cached checkpoints are not reused.
 VERSION = 1
@@ -289,7 +290,7 @@ def cached_tiny_checkpoint(preset: str = "2b-like") -> Path:
     """A tiny checkpoint (seed 0) built once under the user cache folder and reused afterwards."""
     if preset not in TINY_PRESETS:
         raise ValueError(f"unknown tiny preset {preset!r}; choose one of {', '.join(TINY_PRESETS)}")
-    cache_root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tandem"
+    cache_root = env.cache_dir()
     final = cache_root / f"tiny-{preset}-{VERSION}"
     if final.is_dir():
         return final

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 
+from tandem.kernels import env
 from tandem.kernels.csrc import load_sampling_op, sampling_op_error
 from tandem.models.errors import CheckpointError, InputError
 
@@ -81,34 +81,44 @@ def checkpoint_defaults(checkpoint_dir: str | Path) -> tuple[SamplingParams, tup
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """logits [B, vocab] float32 -> token ids [B], on the logits' device. Filters apply in the order
-    temperature, top-k, top-p, as in transformers."""
+    """logits [B, vocab] float32 -> token ids [B], on the logits' device, without a host sync. Filters apply in the
+    order temperature, top-k, top-p, as in transformers. A top-k filter keeps k candidates (torch.topk, no sort of
+    the row) and top-p then works on those; top-p alone sorts the whole row."""
     if params.temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / params.temperature
+    top_p = 1.0 if params.top_p is None else params.top_p
     if params.top_k and params.top_k < logits.shape[-1]:
-        kth = logits.topk(params.top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        logits = _top_p_filter(logits, params.top_p)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        values, candidates = logits.topk(params.top_k, dim=-1)  # sorted, most likely first
+        if top_p < 1.0:
+            values = values.masked_fill(_beyond_top_p(values, top_p), float("-inf"))
+        return candidates.gather(-1, race(values.softmax(dim=-1), generator)[:, None]).squeeze(-1)
+    if top_p < 1.0:
+        values, order = logits.sort(dim=-1, descending=True)
+        drop = _beyond_top_p(values, top_p)
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return race(logits.softmax(dim=-1), generator)
 
 
-def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose probability reaches top_p (always at least one)."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
+def race(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One draw per row of probs [B, n]: argmax(p / E) with E ~ Exp(1) independent per entry is distributed as p (the
+    first of independent exponential clocks with rates p to ring). Unlike torch.multinomial, it never syncs the host."""
+    clocks = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / clocks.clamp_min_(1e-30)).argmax(dim=-1)  # the CPU's exponential_ can return 0
+
+
+def _beyond_top_p(sorted_logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """For logits sorted most likely first: True past the smallest prefix whose probability reaches top_p (the first
+    token is always kept)."""
     probs = sorted_logits.softmax(dim=-1)
-    drop_sorted = probs.cumsum(dim=-1) - probs >= top_p  # the more likely tokens already reach top_p
-    drop = drop_sorted.scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+    return probs.cumsum(dim=-1) - probs >= top_p  # the more likely tokens already reach top_p
 
 
 def sampler_choice(device: torch.device) -> tuple[str, str]:
     """("torch" or "cuda", why): the sampler `Sampler` runs for logits on `device` under TANDEM_SAMPLER (torch, the
     default, or cuda). cuda falls back to torch for logits off CUDA or where the op cannot be built; the reason
     says which. On a GPU, the first cuda answer builds the op (about a minute, once per machine)."""
-    name = os.environ.get("TANDEM_SAMPLER", "torch")
+    name = env.sampler()
     if name not in SAMPLERS:
         raise ValueError(f"TANDEM_SAMPLER={name!r} is not one of {', '.join(SAMPLERS)}")
     if name == "torch":

@@ -35,6 +35,25 @@ def test_draws_stay_in_the_reference_support(top_k, top_p):
     assert len(draws) >= min(len(support), 2)  # it really samples when more than one token is allowed
 
 
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 0.8), (1.3, 8, 1.0), (1.0, 12, 0.7)])
+def test_draws_follow_the_filtered_softmax(temperature, top_k, top_p):
+    """A chi-square goodness-of-fit test with fixed seeds: 40,000 draws (rows of one call, each drawn on its own)
+    against the softmax of the temperature-scaled logits over the reference support, computed in float64."""
+    vocab, draws = 50, 40_000
+    logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(3)) * 1.5
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    tokens = sample(logits.expand(draws, vocab).contiguous(), params, torch.Generator().manual_seed(11))
+    counts = torch.bincount(tokens, minlength=vocab).double()
+    scaled = logits[0].double() / temperature
+    support = sorted(reference_support(scaled.tolist(), top_k, top_p))
+    assert set(counts.nonzero().flatten().tolist()) <= set(support)
+    expected = scaled[support].softmax(dim=0) * draws
+    statistic = ((counts[support] - expected) ** 2 / expected).sum()
+    dof = torch.tensor(len(support) - 1, dtype=torch.float64)
+    p_value = torch.special.gammaincc(dof / 2, statistic / 2).item()  # the chi-square survival function
+    assert len(support) > 3 and p_value > 1e-3, (len(support), statistic.item(), p_value)
+
+
 def test_greedy_is_argmax_and_seeded_sampling_repeats():
     logits = torch.randn(4, 100, generator=torch.Generator().manual_seed(1))
     assert torch.equal(sample(logits, SamplingParams(temperature=0.0), None), logits.argmax(-1))
