@@ -11,16 +11,21 @@ block table to a power of two of pages, so a few shapes cover every request. The
 belong to the engine, reused by every batch that fits it. Padding rows write their K/V into the pool's scratch
 page, which no sequence owns, and their logits are never read. The pages for every token a generation may write
 are reserved before it starts, so the block table is written once per generation.
+
+A shape's first step runs eagerly on the runner's capture stream (it compiles the kernels and sets up their
+workspaces outside any capture), its second is captured. A capture that fails leaves that shape eager, with a
+warning, instead of failing the request; TANDEM_CUDA_GRAPHS=0 turns graphs off altogether.
 """
 
 from __future__ import annotations
 
 import threading
+import warnings
 from dataclasses import dataclass
 
 import torch
 
-from tandem.kernels import AttentionMetadata, use_backend
+from tandem.kernels import AttentionMetadata, env, use_backend
 from tandem.kernels.backend import implementation
 from tandem.models.errors import InputError
 from tandem.models.qwen3_vl import Qwen3VL
@@ -41,8 +46,10 @@ class _Buffers:
     rope_delta: torch.Tensor  # [rows] int64
     token: torch.Tensor  # [rows] int64: the tokens the step feeds
     cu_query_lens: torch.Tensor  # [rows + 1] int32: one query per row
-    key_mass: torch.Tensor  # [rows, width * page_size] float32
-    graphs: dict  # key mass on/off -> (CUDAGraph, logits it writes)
+    key_mass: torch.Tensor  # [rows, width * page_size] float32: the generation's sum so far
+    step_mass: torch.Tensor  # [rows, width * page_size] float32: this step's, added to key_mass for live rows
+    live: torch.Tensor  # [rows] float32: 1 where the row has not met a stop (its step's mass counts), else 0
+    graphs: dict  # key mass on/off -> (CUDAGraph, logits it writes), or None where the capture failed
 
 
 @dataclass
@@ -59,8 +66,10 @@ def bucket(n: int) -> int:
 
 
 class DecodeRunner:
-    def __init__(self, model: Qwen3VL, pool: PagePool, kernel_backend: str | None, cuda_graphs: bool = True):
-        self.model, self.pool, self.kernel_backend, self.cuda_graphs = model, pool, kernel_backend, cuda_graphs
+    def __init__(self, model: Qwen3VL, pool: PagePool, kernel_backend: str | None, cuda_graphs: bool | None = None):
+        """cuda_graphs None: TANDEM_CUDA_GRAPHS (default on)."""
+        self.model, self.pool, self.kernel_backend = model, pool, kernel_backend
+        self.cuda_graphs = env.cuda_graphs() if cuda_graphs is None else cuda_graphs
         self._buffers: dict[tuple[int, int], _Buffers] = {}  # (rows, width) -> buffers
         self._run: _Run | None = None
         self._capture_stream: torch.cuda.Stream | None = None
@@ -91,23 +100,32 @@ class DecodeRunner:
         buf.rope_delta.copy_(deltas)
         if key_mass is not None:
             buf.key_mass.zero_()
+            buf.live.zero_()
+            buf.live[: len(seqs)] = 1.0
         self._run, self.steps = _Run(list(seqs), buf, key_mass, self.graphable()), 0
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed tokens [batch] (on the device), one to the end of each sequence -> logits [batch, vocab]."""
+    def step(self, tokens: torch.Tensor, live: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed tokens [batch] (on the device), one to the end of each sequence -> logits [batch, vocab]. With key
+        mass, live [batch] bool (on the device) says which rows' attention counts: a row fed its stop token, or
+        fed after it, adds nothing."""
         run, batch = self._run, len(self._run.seqs)
         buf = run.buffers
         buf.token[:batch].copy_(tokens)
-        self.steps += 1
         with_mass = run.key_mass is not None
-        # A shape's graph is captured at a second step, once the first (eager) one has compiled the kernels.
-        if run.graphs and with_mass not in buf.graphs and self.steps > 1:
+        if with_mass and live is not None:
+            buf.live[:batch].copy_(live)
+        self.steps += 1
+        if not run.graphs:
+            return self._forward(buf, with_mass)[:batch]
+        if with_mass not in buf.graphs:
+            if self.steps == 1:  # a first step: eager, on the capture stream, outside any capture
+                return self._on_capture_stream(buf, with_mass)[:batch]
             self._capture(buf, with_mass)
-        if run.graphs and with_mass in buf.graphs:
-            graph, logits = buf.graphs[with_mass]
-            graph.replay()
-        else:
-            logits = self._forward(buf, with_mass)
+        captured = buf.graphs[with_mass]
+        if captured is None:  # the capture failed: this shape runs eagerly
+            return self._forward(buf, with_mass)[:batch]
+        graph, logits = captured
+        graph.replay()
         return logits[:batch]
 
     def end(self) -> None:
@@ -121,15 +139,37 @@ class DecodeRunner:
         self._run = None
 
     def _capture(self, buf: _Buffers, with_mass: bool) -> None:
-        """Record one step of this shape (replay runs it). The other engine's thread may be launching work
-        meanwhile: the capture runs on this runner's own stream (high priority, a pool apart from the streams
-        torch.cuda.Stream() hands out) and checks only this thread's calls; captures take turns."""
+        """Record one step of this shape (replay runs it). If the capture fails, the shape runs eagerly from then
+        on, with a warning. The other engine's thread may be launching work meanwhile: the capture runs on
+        this runner's own stream and checks only this thread's calls; captures take turns."""
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with _CAPTURE_LOCK, torch.cuda.graph(graph, stream=self._stream(), capture_error_mode="thread_local"):
+                logits = self._forward(buf, with_mass)
+        except RuntimeError as e:
+            rows, width = buf.block_table.shape
+            warnings.warn(f"capturing the decode step of {rows} rows x {width} pages as a CUDA graph failed, so that "
+                          f"shape runs without one (TANDEM_CUDA_GRAPHS=0 turns graphs off): {e}", RuntimeWarning,
+                          stacklevel=3)
+            buf.graphs[with_mass] = None
+            return
+        buf.graphs[with_mass] = (graph, logits)
+
+    def _on_capture_stream(self, buf: _Buffers, with_mass: bool) -> torch.Tensor:
+        """One eager step on the capture stream, ordered after the current stream's work and before its later work."""
+        current, stream = torch.cuda.current_stream(self.pool.kv.device), self._stream()
+        stream.wait_stream(current)
+        with torch.cuda.stream(stream):
+            logits = self._forward(buf, with_mass)
+        current.wait_stream(stream)
+        logits.record_stream(current)  # read there next: its memory must not be reused before that
+        return logits
+
+    def _stream(self) -> torch.cuda.Stream:
+        """This runner's own stream: high priority, apart from the pool torch.cuda.Stream() hands out."""
         if self._capture_stream is None:
             self._capture_stream = torch.cuda.Stream(self.pool.kv.device, priority=-1)
-        graph = torch.cuda.CUDAGraph()
-        with _CAPTURE_LOCK, torch.cuda.graph(graph, stream=self._capture_stream, capture_error_mode="thread_local"):
-            logits = self._forward(buf, with_mass)
-        buf.graphs[with_mass] = (graph, logits)
+        return self._capture_stream
 
     def _forward(self, buf: _Buffers, with_mass: bool) -> torch.Tensor:
         page_size = self.pool.page_size
@@ -140,12 +180,16 @@ class DecodeRunner:
             seq_lens=(buf.length + 1).int(),
             cu_query_lens=buf.cu_query_lens,
             max_query_len=1,
-            key_mass=buf.key_mass if with_mass else None,
+            key_mass=buf.step_mass if with_mass else None,
         )
         positions = (buf.length + buf.rope_delta).expand(3, -1)
+        if with_mass:
+            buf.step_mass.zero_()
         with use_backend(self.kernel_backend):
             hidden = self.model.language_model(self.model.embed(buf.token), positions, self.pool.kv, meta)
             logits = self.model.logits(hidden)
+        if with_mass:
+            buf.key_mass.addcmul_(buf.step_mass, buf.live[:, None])
         buf.length += 1
         return logits
 
@@ -167,6 +211,8 @@ class DecodeRunner:
             token=torch.zeros(rows, dtype=torch.long, device=device),
             cu_query_lens=torch.arange(rows + 1, dtype=torch.int32, device=device),
             key_mass=torch.zeros(rows, width * self.pool.page_size, dtype=torch.float32, device=device),
+            step_mass=torch.zeros(rows, width * self.pool.page_size, dtype=torch.float32, device=device),
+            live=torch.zeros(rows, dtype=torch.float32, device=device),
             graphs={},
         )
         self._buffers[rows, width] = buf

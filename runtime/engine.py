@@ -94,7 +94,7 @@ class Prompt:
 class Engine:
     def __init__(self, model: Qwen3VL, tokenizer: Tokenizer, image_config: ImageProcessorConfig, pool: PagePool,
                  sampling_defaults: SamplingParams, eos_ids: tuple[int, ...], kernel_backend: str | None = None,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.image_config = image_config
@@ -106,9 +106,10 @@ class Engine:
         self.dtype = model.lm_head_weight.dtype
         self.stats = EngineStats()
         self.decoder = DecodeRunner(model, pool, kernel_backend, cuda_graphs)
-        # Reading the stop flag costs a device sync on CUDA: poll every few tokens there. On the CPU it is free,
-        # and polling every token wastes no steps past a stop.
-        self.poll_every = 8 if self.device.type == "cuda" else 1
+        # How many steps behind the device the host reads the sampled tokens. On CUDA 1: the next step is queued
+        # before the host waits for this one's tokens, so the GPU never waits for the host, and at most one step
+        # runs past a stop. On the CPU, where nothing runs ahead, 0.
+        self.read_lag = 1 if self.device.type == "cuda" else 0
         self._generator = torch.Generator(self.device)
         self._generator.seed()
 
@@ -116,12 +117,13 @@ class Engine:
     def from_pretrained(
         cls, checkpoint_dir: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
         kv_cache_tokens: int | None = None, page_size: int = DEFAULT_PAGE_SIZE, kernel_backend: str | None = None,
-        cuda_graphs: bool = True,
+        cuda_graphs: bool | None = None,
     ) -> "Engine":
         """Load a Qwen3-VL checkpoint folder. device/dtype default to cuda + bfloat16 when available, else cpu + float32.
         kv_cache_tokens sizes the KV page pool; by default from free device memory (CUDA) or CPU_KV_TOKENS.
         kernel_backend ("torch", "triton" or "auto") overrides TANDEM_KERNEL_BACKEND for this engine; cuda_graphs
-        replays each decode step as a CUDA graph where the kernels allow it (CUDA + Triton)."""
+        replays each decode step as a CUDA graph where the kernels allow it (CUDA + Triton); None:
+        TANDEM_CUDA_GRAPHS, on by default."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = parse_dtype(dtype, device)
         if kernel_backend is not None and kernel_backend not in BACKENDS:
@@ -224,70 +226,67 @@ class Engine:
                 return None
             return self.model.logits(hidden[-1:] if logits == "last" else hidden)
 
-    def decode(self, seq: Sequence, logits: torch.Tensor, params: SamplingParams, rope_delta: int,
-               timings: Timings, key_mass: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
-        """`decode_batch` for one sequence: yields its token chunks."""
-        for (chunk,) in self.decode_batch([seq], logits, params, [rope_delta], [timings], key_mass):
-            yield chunk
-
     def decode_batch(self, seqs: list[Sequence], logits: torch.Tensor, params: SamplingParams,
-                     rope_deltas: list[int], timings: list[Timings], key_mass: torch.Tensor | None = None
-                     ) -> Iterator[list[torch.Tensor]]:
+                     rope_deltas: list[int], timings: list[Timings], key_mass: torch.Tensor | None = None,
+                     out: torch.Tensor | None = None) -> Iterator[list[list[int]]]:
         """Sample from the prefills' last logits [B, vocab], then feed each sequence its token back, until every
-        sequence has met a stop id or params.max_tokens. Yields, a few steps at a time, one device tensor of new
-        tokens per sequence (empty once it has stopped): the stop checks run on the device and the host reads them
-        every `poll_every` steps (tokens past a stop are computed but never yielded). With key_mass
-        [B, >= final length] float32, every step adds the attention each cached key receives (summed over heads
-        and layers); it then polls every step, so that no step past a stop adds to it."""
-        batch = len(seqs)
-        stops = torch.tensor(sorted(self.stop_ids(params)), dtype=torch.long, device=self.device)
-        poll = 1 if key_mass is not None else self.poll_every
+        sequence has met a stop id or params.max_tokens. Yields, once per token, each sequence's new token ids on
+        the host (none once it has stopped; its stop token is the last it yields). The host reads them `read_lag`
+        steps behind the device, never stalling it; steps run past a stop are counted in Timings.decode_steps.
+        key_mass [B, >= final length] float32: every step adds the attention each cached key receives (summed over
+        heads and layers), for rows not yet stopped. out [B, >= max_tokens] long: receives the sampled ids on the
+        device (past a row's stop too), for callers that hand them on without a round trip through the host."""
+        batch, steps = len(seqs), params.max_tokens
+        stop_ids = self.stop_ids(params)
+        stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=self.device)
         generator = self._generator if params.seed is None else torch.Generator(self.device).manual_seed(params.seed)
         sampler = Sampler(params, generator, self.device)
-        out = torch.empty(batch, params.max_tokens, dtype=torch.long, device=self.device)
+        host = _HostTokens(steps, batch, self.device)
         stopped = torch.zeros(batch, dtype=torch.bool, device=self.device)
-        start = self.now()
-        emitted = [0] * batch  # tokens yielded so far, per sequence
         finished = [False] * batch  # a stop token was yielded
-        self.decoder.begin(seqs, rope_deltas, params.max_tokens - 1, key_mass)
+        emitted = [0] * batch
+        start = self.now()
+
+        def sampled(logits: torch.Tensor, index: int) -> torch.Tensor:
+            tokens = sampler(logits)
+            stopped.logical_or_(_is_stop(tokens, stops))
+            if out is not None:
+                out[:, index] = tokens
+            host.push(index, tokens)
+            return tokens
+
+        self.decoder.begin(seqs, rope_deltas, steps - 1, key_mass)
         try:
-            # Inference mode around the device work only: the caller's code between yields runs as it would anyway.
             with torch.inference_mode():
-                tokens = sampler(logits)
-            for count in range(1, params.max_tokens + 1):
-                out[:, count - 1] = tokens
-                stopped |= _is_stop(tokens, stops)
-                if count == params.max_tokens or count % poll == 0:
-                    chunks = self._poll(out, emitted, finished, count, stopped, stops)
-                    elapsed = self.now() - start
-                    for b, chunk in enumerate(chunks):
-                        if len(chunk):
-                            timings[b].output_tokens, timings[b].decode_s = emitted[b], elapsed
-                    yield chunks
-                    if all(finished) or count == params.max_tokens:
-                        return
+                tokens = sampled(logits, 0)
+            queued, read = 1, 0  # tokens sampled on the device / read by the host, per row
+            while True:
+                # Inference mode around the device work only: the caller's code between yields runs as it would.
                 with torch.inference_mode():
-                    tokens = sampler(self.decoder.step(tokens))
-                self.stats.decode_steps += 1
+                    while queued < min(read + 1 + self.read_lag, steps):
+                        live = ~stopped if key_mass is not None else None
+                        tokens = sampled(self.decoder.step(tokens, live), queued)
+                        queued += 1
+                        self.stats.decode_steps += 1
+                row_tokens = host.read(read)
+                read += 1
+                elapsed = time.perf_counter() - start  # the token is on the host now: no device sync needed
+                chunks = []
+                for b, token in enumerate(row_tokens):
+                    if finished[b]:
+                        chunks.append([])
+                        continue
+                    chunks.append([token])
+                    emitted[b] += 1
+                    finished[b] = token in stop_ids
+                    timings[b].output_tokens, timings[b].decode_s = emitted[b], elapsed
+                yield chunks
+                if all(finished) or read == steps:
+                    return
         finally:
             for t in timings:
                 t.decode_steps = self.decoder.steps
             self.decoder.end()
-
-    @staticmethod
-    def _poll(out: torch.Tensor, emitted: list[int], finished: list[bool], count: int, stopped: torch.Tensor,
-              stops: torch.Tensor) -> list[torch.Tensor]:
-        """The new tokens of each sequence, out[b, emitted[b]:end]: end is `count`, or just after the first stop
-        token once one came. Advances `emitted` and `finished`. The one host read of the stop flags per poll."""
-        chunks = []
-        for b, done in enumerate(stopped.tolist()):
-            end = emitted[b] if finished[b] else count
-            if done and not finished[b]:
-                end = emitted[b] + int(_is_stop(out[b, emitted[b]:count], stops).int().argmax()) + 1
-                finished[b] = True
-            chunks.append(out[b, emitted[b]:end])
-            emitted[b] = end
-        return chunks
 
     # ---- internals ---------------------------------------------------------------------------------------------
     def _generate(self, prompts: list[Prompt], sampling: SamplingParams | None) -> list[GenerateOutput]:
@@ -305,8 +304,8 @@ class Engine:
     def _token_chunks(self, prompts: list[Prompt], sampling: SamplingParams | None,
                       timings: list[Timings]) -> Iterator[list[list[int]]]:
         """Encode each prompt's images and prefill it, then decode the batch until every reply has met a stop id
-        or max_tokens; yields each reply's new token ids per poll. Pages are released when the generator ends,
-        however it ends."""
+        or max_tokens; yields each reply's new token ids (see `decode_batch`). Pages are released when the
+        generator ends, however it ends."""
         params = (sampling or SamplingParams()).resolve(self.sampling_defaults)
         totals = [len(p.token_ids) + params.max_tokens for p in prompts]
         size = self.pool.page_size
@@ -315,8 +314,7 @@ class Engine:
         try:
             logits = [self._prefill_prompt(seq, prompt, t) for seq, prompt, t in zip(seqs, prompts, timings)]
             deltas = [p.rope_delta for p in prompts]
-            for chunks in self.decode_batch(seqs, torch.cat(logits), params, deltas, timings):
-                yield [chunk.tolist() for chunk in chunks]
+            yield from self.decode_batch(seqs, torch.cat(logits), params, deltas, timings)
         finally:
             for seq in seqs:
                 seq.release()
@@ -349,8 +347,8 @@ class Engine:
             x = self.model.embed(ids, image_embeds)
             return self.model.language_model(x, positions, self.pool.kv, meta, visual)
 
-    def without_stop(self, ids, sampling: SamplingParams | None):
-        """(generated ids without the stop token that ended them, whether one did); ids: a list or a tensor."""
+    def without_stop(self, ids: list[int], sampling: SamplingParams | None) -> tuple[list[int], bool]:
+        """(generated ids without the stop token that ended them, whether one did)."""
         finished = int(ids[-1]) in self.stop_ids(sampling)
         return (ids[:-1] if finished else ids), finished
 
@@ -386,6 +384,27 @@ class Engine:
     def now(self) -> float:
         """A clock reading after the device has finished this stream's work (see device_clock)."""
         return device_clock(self.device)
+
+
+class _HostTokens:
+    """The host's copy of each step's sampled tokens [steps, rows]. On CUDA each step's row is copied into pinned
+    memory behind an event, and `read` waits for that event only: the steps queued after it keep the GPU busy."""
+
+    def __init__(self, steps: int, rows: int, device: torch.device):
+        cuda = device.type == "cuda"
+        self.tokens = torch.empty(steps, rows, dtype=torch.long, pin_memory=cuda)
+        # A ring of events suffices: the decode loop reads step i before it pushes step i + 2.
+        self.events = [torch.cuda.Event(), torch.cuda.Event()] if cuda else None
+
+    def push(self, step: int, tokens: torch.Tensor) -> None:
+        self.tokens[step].copy_(tokens, non_blocking=self.events is not None)
+        if self.events is not None:
+            self.events[step % 2].record()
+
+    def read(self, step: int) -> list[int]:
+        if self.events is not None:
+            self.events[step % 2].synchronize()
+        return self.tokens[step].tolist()
 
 
 def _is_stop(tokens: torch.Tensor, stops: torch.Tensor) -> torch.Tensor:

@@ -270,14 +270,17 @@ class Tandem:
             timings.prefill_s = engine.now() - start_s
             prompt_tokens = seq.length
             mass = torch.zeros(1, prompt_tokens + max_tokens, device=engine.device) if key_mass else None
-            tokens = torch.cat(list(engine.decode(seq, logits, params, prefix.rope_delta, timings, key_mass=mass)))
+            out = torch.empty(1, max_tokens, dtype=torch.long, device=engine.device)
+            tokens = [t for (chunk,) in engine.decode_batch([seq], logits, params, [prefix.rope_delta], [timings],
+                                                             mass, out) for t in chunk]
         finally:
             seq.release()
-        ids, _ = engine.without_stop(tokens, params)
-        text = engine.tokenizer.decode(ids.tolist())
+        text_ids, _ = engine.without_stop(tokens, params)
+        ids = out[0, : len(text_ids)]  # the same ids, still on the device
+        text = engine.tokenizer.decode(text_ids)
         stage = Stage(
             model=model, role=role, input_tokens=prompt_tokens, prefilled_tokens=len(suffix),
-            suffix_ids=suffix.tolist(), output_ids=tokens.tolist(), text=text, answer=extract_answer(text),
+            suffix_ids=suffix.tolist(), output_ids=tokens, text=text, answer=extract_answer(text),
             prefill_s=timings.prefill_s, decode_s=timings.decode_s,
         )
         if prefix.first_stage_pending:  # the prefix's cost belongs to the stage that needed it first

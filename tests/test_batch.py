@@ -71,29 +71,33 @@ def test_text_replies_match_transformers_generate(engine, tiny_8b):
         assert out.token_ids == ref[0, ids.shape[1]:].tolist()
 
 
-@pytest.mark.parametrize("poll", [1, 3, 8])
-def test_replies_stop_at_their_own_stop_tokens(engine, alone, poll):
+@pytest.mark.parametrize("lag", [0, 1])
+def test_replies_stop_at_their_own_stop_tokens(engine, alone, lag):
     """A stop token that each reply meets at a different step (or never): each reply ends at its first one, the
-    others go on, and how often the host polls changes nothing."""
+    others go on, and reading the tokens a step behind the device changes nothing."""
     stop = alone[1][3]
     params = SamplingParams(max_tokens=10, temperature=0.0, stop_token_ids=(stop,), ignore_eos=True)
     expected = [engine.generate(r, params) for r in REQUESTS[:4]]
     assert expected[1].finish_reason == "stop" and len({len(e.token_ids) for e in expected}) > 1
-    engine.poll_every = poll
+    engine.read_lag = lag
     try:
         outs = engine.generate_batch(REQUESTS[:4], params)
     finally:
-        engine.poll_every = 1
+        engine.read_lag = 0
     for out, exp in zip(outs, expected):
         assert (out.token_ids, out.finish_reason, out.text) == (exp.token_ids, exp.finish_reason, exp.text)
         assert out.timings.output_tokens == len(exp.token_ids)
     assert engine.pool.pages_in_use == 0
 
 
-def test_key_mass_of_a_batch_is_each_sequences_own(engine):
-    """decode_batch's key mass rows equal those of each sequence decoded alone."""
+@pytest.mark.parametrize("lag", [0, 1])
+def test_key_mass_of_a_batch_is_each_sequences_own(engine, alone, lag):
+    """decode_batch's key mass rows equal those of each sequence decoded alone, also when the rows stop at
+    different steps and the host reads the tokens a step behind the device: a step that feeds a row its stop token,
+    or runs after it, adds nothing to that row's mass."""
     prompts = [engine.prepare(r) for r in (REQUESTS[0], REQUESTS[1], REQUESTS[2])]
-    params = GREEDY.resolve(engine.sampling_defaults)
+    params = SamplingParams(max_tokens=10, temperature=0.0, stop_token_ids=(alone[1][3],), ignore_eos=True
+                            ).resolve(engine.sampling_defaults)
 
     def decode(group):
         seqs = [Sequence(engine.pool) for _ in group]
@@ -102,12 +106,17 @@ def test_key_mass_of_a_batch_is_each_sequences_own(engine):
             mass = torch.zeros(len(group), max(len(p.token_ids) for p in group) + 10)
             chunks = list(engine.decode_batch(seqs, logits, params, [p.rope_delta for p in group],
                                               [Timings() for _ in group], key_mass=mass))
-            return mass, [torch.cat([c[b] for c in chunks]).tolist() for b in range(len(group))]
+            return mass, [sum((c[b] for c in chunks), []) for b in range(len(group))]
         finally:
             for s in seqs:
                 s.release()
 
-    together, tokens = decode(prompts)
+    engine.read_lag = lag
+    try:
+        together, tokens = decode(prompts)
+    finally:
+        engine.read_lag = 0
+    assert len(tokens[1]) == 4 and len({len(t) for t in tokens}) > 1  # the rows stop at different steps
     for b, prompt in enumerate(prompts):
         own, own_tokens = decode([prompt])
         assert tokens[b] == own_tokens[0]

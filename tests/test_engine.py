@@ -149,18 +149,23 @@ def test_unknown_kernel_backend(tiny_2b):
         Engine.from_pretrained(tiny_2b, device="cpu", kernel_backend="cuda")
 
 
-def test_polling_every_few_tokens_changes_nothing(engine, messages):
-    """The host reads the device's stop flag every poll_every tokens: tokens sampled past a stop are dropped."""
+@pytest.mark.parametrize("lag", [0, 1])
+def test_reading_the_tokens_a_step_behind_changes_nothing_but_one_step(engine, messages, lag):
+    """The host reads each step's tokens `read_lag` steps behind the device (1 on CUDA, so the device never waits
+    for the host): the reply is the same, and at most that many steps run past the stop."""
     free = engine.generate(messages, GREEDY).token_ids
     sampling = SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=(free[5],))
-    expected = engine.generate(messages, sampling)
+    stop_at = free.index(free[5]) + 1  # the reply ends at the first occurrence of the stop id
+    engine.read_lag = lag
     try:
-        for poll in (2, 4, 5, 16):
-            engine.poll_every = poll
-            out = engine.generate(messages, sampling)
-            assert (out.token_ids, out.finish_reason, out.text) == (expected.token_ids, "stop", expected.text)
-            assert engine.generate(messages, GREEDY).token_ids == free
-            assert "".join(engine.stream(messages, sampling)) == expected.text
+        out = engine.generate(messages, sampling)
+        assert (out.token_ids, out.finish_reason) == (free[:stop_at], "stop")
+        assert out.timings.output_tokens == stop_at
+        assert out.timings.decode_steps == stop_at - 1 + lag  # the steps the reply needed, and `lag` past its stop
+        assert engine.generate(messages, GREEDY).token_ids == free
+        assert "".join(engine.stream(messages, sampling)) == engine.tokenizer.decode(free[: stop_at - 1])
+        assert engine.generate(messages, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+                               ).timings.decode_steps == 3  # never a step past max_tokens
     finally:
-        engine.poll_every = 1
+        engine.read_lag = 0
     assert engine.pool.pages_in_use == 0

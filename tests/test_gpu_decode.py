@@ -1,0 +1,113 @@
+"""The decode loop on a GPU: no host sync per token, at most one step past a stop, and no dead end when a CUDA graph
+cannot be captured. Marked `gpu`: skipped where no CUDA device is present (see conftest.py)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from tandem.runtime import Engine, SamplingParams, Timings
+from tandem.runtime.kv_cache import Sequence
+
+from conftest import random_image
+
+pytestmark = pytest.mark.gpu
+
+MESSAGES = [{"role": "user", "content": [{"type": "image", "image": random_image(200, 260, seed=5)},
+                                         {"type": "text", "text": "What is in this image?"}]}]
+FORCED = dict(max_tokens=24, ignore_eos=True)
+PARAMS = {
+    "greedy": SamplingParams(temperature=0.0, **FORCED),
+    "top-k then top-p": SamplingParams(temperature=0.7, top_k=20, top_p=0.8, seed=3, **FORCED),
+    "top-p alone": SamplingParams(temperature=1.0, top_k=0, top_p=0.9, seed=4, **FORCED),
+}
+
+
+def engine_for(checkpoint, **kwargs) -> Engine:
+    return Engine.from_pretrained(checkpoint, device="cuda", dtype="bfloat16", kv_cache_tokens=4096,
+                                  kernel_backend="triton", **kwargs)
+
+
+@pytest.mark.parametrize("name", PARAMS)
+def test_decode_steps_never_sync_the_host(tiny_8b, name):
+    """Past the prefill, a generation's steps (graph replay, sampling, stop check, the copy of the tokens to the
+    host) run with torch's sync debug mode set to "error": any call that waits for the device raises. The host
+    waits on one event per step, for a step that has already been followed by the next."""
+    engine = engine_for(tiny_8b)
+    params = PARAMS[name]
+    expected = engine.generate(MESSAGES, params).token_ids  # compiles and captures first
+    pieces = engine.stream(MESSAGES, params)
+    first = next(pieces)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        rest = list(pieces)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert first + "".join(rest) == engine.tokenizer.decode(expected)
+    assert engine.pool.pages_in_use == 0
+
+
+def test_key_mass_steps_never_sync_the_host(tiny_8b):
+    """The reasoning stage's decode, key mass on: no sync either (a stopped row's mass is masked on the device)."""
+    engine = engine_for(tiny_8b)
+    params = PARAMS["greedy"].resolve(engine.sampling_defaults)
+    prompt = engine.prepare(MESSAGES)
+    for debug in ("default", "error"):  # the first run compiles and captures
+        seq = Sequence(engine.pool)
+        try:
+            timings = Timings()
+            logits = engine._prefill_prompt(seq, prompt, timings)
+            mass = torch.zeros(1, len(prompt.token_ids) + params.max_tokens, device="cuda")
+            torch.cuda.set_sync_debug_mode(debug)
+            try:
+                tokens = [t for (c,) in engine.decode_batch([seq], logits, params, [prompt.rope_delta],
+                                                            [timings], key_mass=mass) for t in c]
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        finally:
+            seq.release()
+        assert len(tokens) == params.max_tokens and mass.sum().item() > 0
+
+
+def test_at_most_one_step_runs_past_a_stop(tiny_8b):
+    """On CUDA the host reads each step's tokens one step behind the device: a reply that stops at its 4th token
+    ran 3 steps for its tokens and at most one more, and is exactly the reply up to that stop."""
+    engine = engine_for(tiny_8b)
+    assert engine.read_lag == 1
+    free = engine.generate(MESSAGES, PARAMS["greedy"]).token_ids
+    stop = free[3]
+    out = engine.generate(MESSAGES, SamplingParams(max_tokens=24, temperature=0.0, stop_token_ids=(stop,)))
+    n = free.index(stop) + 1
+    assert out.token_ids == free[:n] and out.finish_reason == "stop"
+    assert n - 1 <= out.timings.decode_steps <= n
+
+
+def test_a_failed_capture_falls_back_to_eager_steps(tiny_8b):
+    """A decode step that cannot be captured (here: a hook that reads a value on the host, which a capture
+    forbids) runs eagerly, with a warning naming the shape, and the reply is the one eager steps give."""
+    expected = engine_for(tiny_8b, cuda_graphs=False).generate(MESSAGES, PARAMS["greedy"]).token_ids
+    engine = engine_for(tiny_8b)
+    layer = engine.model.language_model.layers[0]
+    handle = layer.register_forward_pre_hook(lambda module, args: args[0].sum().item() and None)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = engine.generate(MESSAGES, PARAMS["greedy"])
+    finally:
+        handle.remove()
+    assert out.token_ids == expected
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert any("as a CUDA graph failed" in m and "rows x" in m for m in messages), messages
+    assert all(graph is None for buf in engine.decoder._buffers.values() for graph in buf.graphs.values())
+    assert engine.generate(MESSAGES, PARAMS["greedy"]).token_ids == expected  # the shape stays eager, no retry
+    assert engine.pool.pages_in_use == 0
+
+
+def test_cuda_graphs_off_by_environment(tiny_8b, monkeypatch):
+    monkeypatch.setenv("TANDEM_CUDA_GRAPHS", "0")
+    engine = engine_for(tiny_8b)
+    assert not engine.decoder.graphable()
+    engine.generate(MESSAGES, PARAMS["greedy"])
+    assert all(not buf.graphs for buf in engine.decoder._buffers.values())
