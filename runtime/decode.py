@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,7 @@ from tandem.kernels import AttentionMetadata, env, use_backend
 from tandem.kernels.backend import implementation
 from tandem.models.errors import InputError
 from tandem.models.qwen3_vl import Qwen3VL
+from tandem.runtime.interrupts import uninterrupted
 from tandem.runtime.kv_cache import PagePool, Sequence
 
 MIN_WIDTH = 16  # pages: the smallest block-table width captured
@@ -54,7 +56,7 @@ class _Buffers:
 
 @dataclass
 class _Run:
-    seqs: list[Sequence]
+    seqs: list[weakref.ref]  # the batch's sequences: `end(seqs)` ends this run and no other
     buffers: _Buffers
     key_mass: torch.Tensor | None
     graphs: bool  # replay CUDA graphs (`graphable()` when the run began)
@@ -72,17 +74,31 @@ class DecodeRunner:
         self.cuda_graphs = env.cuda_graphs() if cuda_graphs is None else cuda_graphs
         self._buffers: dict[tuple[int, int], _Buffers] = {}  # (rows, width) -> buffers
         self._run: _Run | None = None
+        self._mutex = threading.Lock()  # begin and end take turns: two threads cannot both find the runner free
         self._capture_stream: torch.cuda.Stream | None = None
         self.steps = 0
 
     def begin(self, seqs: list[Sequence], rope_deltas: list[int], steps: int,
               key_mass: torch.Tensor | None = None) -> None:
         """Prepare up to `steps` steps on the batch `seqs`. With key_mass [len(seqs), n] float32, the attention
-        each cached key receives is added to it (at `end`). One generation at a time: the step buffers are shared."""
-        if self._run is not None:
-            raise InputError("this engine is already decoding another generation (a stream not yet finished or "
-                             "closed); an engine decodes one at a time: finish or close() the other first, or batch "
-                             "the requests with generate_batch")
+        each cached key receives is added to it (at `end`). One generation at a time: the step buffers are shared.
+        Call it inside a `try` whose `finally` calls `end(seqs)`."""
+        with uninterrupted(), self._mutex:
+            if self.busy:
+                raise InputError("this engine is already decoding another generation (a stream not yet finished or "
+                                 "closed); an engine decodes one at a time: finish or close() the other first, or "
+                                 "batch the requests with generate_batch")
+            self._run = None
+            self._begin(seqs, rope_deltas, steps, key_mass)
+
+    @property
+    def busy(self) -> bool:
+        """Whether a generation holds the runner. One whose sequences are all gone was abandoned without its `end`
+        (a Ctrl-C that landed on the call to it) and holds nothing."""
+        run = self._run
+        return run is not None and any(ref() is not None for ref in run.seqs)
+
+    def _begin(self, seqs: list[Sequence], rope_deltas: list[int], steps: int, key_mass: torch.Tensor | None) -> None:
         for seq in seqs:
             seq.reserve(steps)
         rows = bucket(len(seqs))
@@ -102,7 +118,7 @@ class DecodeRunner:
             buf.key_mass.zero_()
             buf.live.zero_()
             buf.live[: len(seqs)] = 1.0
-        self._run, self.steps = _Run(list(seqs), buf, key_mass, self.graphable()), 0
+        self._run, self.steps = _Run([weakref.ref(s) for s in seqs], buf, key_mass, self.graphable()), 0
 
     def step(self, tokens: torch.Tensor, live: torch.Tensor | None = None) -> torch.Tensor:
         """Feed tokens [batch] (on the device), one to the end of each sequence -> logits [batch, vocab]. With key
@@ -128,15 +144,21 @@ class DecodeRunner:
         graph.replay()
         return logits[:batch]
 
-    def end(self) -> None:
-        """Count the fed tokens in the host-side sequences and hand out the key mass."""
-        run = self._run
-        for seq in run.seqs:
-            seq.length += self.steps
-        if run.key_mass is not None:
-            n = min(run.key_mass.shape[1], run.buffers.key_mass.shape[1])
-            run.key_mass[:, :n] += run.buffers.key_mass[: len(run.seqs), :n]
-        self._run = None
+    def end(self, seqs: list[Sequence]) -> None:
+        """End the run that `begin(seqs)` started (nothing if it did not start, or is not running): count the fed
+        tokens in the host-side sequences, hand out the key mass, free the runner."""
+        with uninterrupted(), self._mutex:
+            run = self._run
+            if run is None or [ref() for ref in run.seqs] != seqs:
+                return
+            try:
+                for seq in seqs:
+                    seq.length += self.steps
+                if run.key_mass is not None:
+                    n = min(run.key_mass.shape[1], run.buffers.key_mass.shape[1])
+                    run.key_mass[:, :n] += run.buffers.key_mass[: len(seqs), :n]
+            finally:
+                self._run = None
 
     def _capture(self, buf: _Buffers, with_mass: bool) -> None:
         """Record one step of this shape (replay runs it). If the capture fails, the shape runs eagerly from then

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from tandem.models.positions import mrope_positions
 from tandem.models.qwen3_vl import Qwen3VL, VisualTokens
 from tandem.models.tokenizer import IncrementalDetokenizer, Tokenizer, build_prompt_ids, expand_image_pads, extract_images
 from tandem.runtime.decode import DecodeRunner
-from tandem.runtime.kv_cache import PagePool, Sequence
+from tandem.runtime.kv_cache import PagePool, Sequence, release_all
 from tandem.runtime.sampling import Sampler, SamplingParams, checkpoint_defaults
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -159,13 +160,14 @@ class Engine:
         prompt = self.prepare(messages, prompt_token_ids, images)
         stop_ids = self.stop_ids(sampling)
         detok = IncrementalDetokenizer(self.tokenizer, prompt.token_ids)
-        for (chunk,) in self._token_chunks([prompt], sampling, [Timings()]):
-            for token in chunk:
-                if token in stop_ids:
-                    break
-                piece = detok.add(token)
-                if piece:
-                    yield piece
+        with closing(self._token_chunks([prompt], sampling, [Timings()])) as chunks:
+            for (chunk,) in chunks:
+                for token in chunk:
+                    if token in stop_ids:
+                        break
+                    piece = detok.add(token)
+                    if piece:
+                        yield piece
         tail = detok.flush()  # text held back waiting for the rest of a character that never came
         if tail:
             yield tail
@@ -246,6 +248,7 @@ class Engine:
         finished = [False] * batch  # a stop token was yielded
         emitted = [0] * batch
         start = self.now()
+        queued = 0  # tokens sampled on the device, per row
 
         def sampled(logits: torch.Tensor, index: int) -> torch.Tensor:
             tokens = sampler(logits)
@@ -255,11 +258,11 @@ class Engine:
             host.push(index, tokens)
             return tokens
 
-        self.decoder.begin(seqs, rope_deltas, steps - 1, key_mass)
         try:
+            self.decoder.begin(seqs, rope_deltas, steps - 1, key_mass)
             with torch.inference_mode():
                 tokens = sampled(logits, 0)
-            queued, read = 1, 0  # tokens sampled on the device / read by the host, per row
+            queued, read = 1, 0  # read: tokens the host has read, per row
             while True:
                 # Inference mode around the device work only: the caller's code between yields runs as it would.
                 with torch.inference_mode():
@@ -285,16 +288,18 @@ class Engine:
                     return
         finally:
             for t in timings:
-                t.decode_steps = self.decoder.steps
-            self.decoder.end()
+                t.decode_steps = max(queued - 1, 0)  # the first token came from the prefill
+            self.decoder.end(seqs)
 
     # ---- internals ---------------------------------------------------------------------------------------------
     def _generate(self, prompts: list[Prompt], sampling: SamplingParams | None) -> list[GenerateOutput]:
         timings = [Timings() for _ in prompts]
         ids: list[list[int]] = [[] for _ in prompts]
-        for chunks in self._token_chunks(prompts, sampling, timings):
-            for row, chunk in zip(ids, chunks):
-                row += chunk
+        # closing(): an exception here (Ctrl-C) must end the generation now, not when its traceback is freed.
+        with closing(self._token_chunks(prompts, sampling, timings)) as steps:
+            for chunks in steps:
+                for row, chunk in zip(ids, chunks):
+                    row += chunk
         outputs = []
         for row, t in zip(ids, timings):
             text_ids, finished = self.without_stop(row, sampling)
@@ -316,8 +321,7 @@ class Engine:
             deltas = [p.rope_delta for p in prompts]
             yield from self.decode_batch(seqs, torch.cat(logits), params, deltas, timings)
         finally:
-            for seq in seqs:
-                seq.release()
+            release_all(seqs)
 
     def _prefill_prompt(self, seq: Sequence, prompt: Prompt, timings: Timings, logits: str = "last") -> torch.Tensor:
         """Encode the prompt's images and prefill it into `seq` -> logits (see `prefill`: "last" [1, vocab] or

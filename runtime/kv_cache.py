@@ -1,17 +1,27 @@
 """The paged KV cache: one preallocated pool of fixed-size pages per model, and the sequences that own pages.
 
 A sequence's block table lists its pages in order; token i lives in page block_table[i // page_size] at offset
-i % page_size. Pages are reference-counted, so a prefix can be shared by several continuations (`fork`) without
+i % page_size. Pages are reference-counted, so a prefix can be shared by several continuations (`fork_from`) without
 copying; a shared, partly filled last page is copied before a continuation writes into it. Running out of pages
 raises CacheFullError, never a silent truncation.
+
+A sequence's pages and the pool's free list and reference counts change together, as one step that neither an
+exception nor Ctrl-C can split (see tandem.runtime.interrupts). The pattern that keeps every page accounted for:
+make the Sequence (it holds nothing yet), then acquire pages inside a `try` whose `finally` releases it. Python
+cannot promise that a `finally` runs to its end (a Ctrl-C may land on the call that would release), so the pool
+also takes back the pages of every sequence that was dropped while holding some, at its next allocation.
 """
 
 from __future__ import annotations
+
+import itertools
+import weakref
 
 import torch
 
 from tandem.models.config import TextConfig
 from tandem.models.errors import InputError
+from tandem.runtime.interrupts import uninterrupted
 
 
 class CacheFullError(InputError):
@@ -32,6 +42,9 @@ class PagePool:
         self.kv[:, :, self.scratch_page].zero_()  # padded rows read it: keep their (unread) outputs finite
         self._free = list(range(num_pages - 1, -1, -1))
         self._refs = [0] * num_pages
+        # Every sequence's page list, with a weak reference to the sequence: a list whose sequence is gone is
+        # released by `_reclaim`. Nothing runs at collection time, so nothing can interrupt it.
+        self._holders: dict[int, tuple[weakref.ref, list[int]]] = {}
 
     @staticmethod
     def bytes_per_token(config: TextConfig, dtype: torch.dtype) -> int:
@@ -43,19 +56,24 @@ class PagePool:
 
     @property
     def free_pages(self) -> int:
+        with uninterrupted():
+            self._reclaim()
         return len(self._free)
 
     @property
     def pages_in_use(self) -> int:
-        return self.num_pages - len(self._free)
+        return self.num_pages - self.free_pages
 
     def allocate(self, n: int) -> list[int]:
+        """n free pages, each with one reference. Callers record them in the same uninterrupted step."""
+        self._reclaim()
         if n > len(self._free):
             raise CacheFullError(
                 f"KV cache full: {n} more page(s) of {self.page_size} tokens needed, {len(self._free)} free "
                 f"of {self.num_pages}"
             )
-        pages = [self._free.pop() for _ in range(n)]
+        pages = self._free[len(self._free) - n :][::-1]
+        del self._free[len(self._free) - n :]
         for p in pages:
             self._refs[p] = 1
         return pages
@@ -73,50 +91,80 @@ class PagePool:
     def is_shared(self, page: int) -> bool:
         return self._refs[page] > 1
 
+    def track(self, seq: "Sequence") -> None:
+        self._holders[seq.key] = (weakref.ref(seq), seq.pages)
+
+    def _reclaim(self) -> None:
+        """Release the pages of sequences dropped without a release (the caller holds back Ctrl-C)."""
+        for key, (ref, pages) in list(self._holders.items()):
+            if ref() is None:
+                self.release(pages)
+                del self._holders[key]
+
 
 class Sequence:
     """One token sequence's pages in a pool. `length` counts the tokens whose K/V are (or are being) written."""
 
+    _keys = itertools.count()
+
     def __init__(self, pool: PagePool):
         self.pool = pool
-        self.pages: list[int] = []
+        self.pages: list[int] = []  # the same list object for the sequence's life: the pool tracks it
         self.length = 0
+        self.key = next(Sequence._keys)
+        pool.track(self)
 
     def append_slots(self, n: int) -> torch.Tensor:
         """Make room for n more tokens and return their cache slots [n] (page * page_size + offset)."""
-        self.reserve(n)
+        with uninterrupted():
+            self.reserve(n)
+            start, self.length = self.length, self.length + n
         size = self.pool.page_size
-        index = torch.arange(self.length, self.length + n)
-        slots = torch.tensor(self.pages)[index // size] * size + index % size
-        self.length += n
-        return slots
+        index = torch.arange(start, start + n)
+        return torch.tensor(self.pages)[index // size] * size + index % size
 
     def reserve(self, n: int) -> None:
         """Own pages for n more tokens now (copying a shared last page first), without counting them: a decode
         loop that computes its slots on the device needs its pages before it starts."""
         size = self.pool.page_size
-        if self.length % size and self.pool.is_shared(self.pages[-1]):
-            self._copy_last_page()
-        needed = -(-(self.length + n) // size) - len(self.pages)
-        if needed > 0:
-            self.pages += self.pool.allocate(needed)
+        with uninterrupted():
+            if self.length % size and self.pool.is_shared(self.pages[-1]):
+                self._copy_last_page()
+            needed = -(-(self.length + n) // size) - len(self.pages)
+            if needed > 0:
+                self.pages += self.pool.allocate(needed)
 
-    def fork(self) -> "Sequence":
-        """A continuation sharing every page of this sequence so far."""
-        child = Sequence(self.pool)
-        child.pages, child.length = list(self.pages), self.length
-        self.pool.retain(child.pages)
-        return child
+    def fork_from(self, parent: "Sequence") -> None:
+        """Continue `parent` (this sequence must be empty): share every page it has so far, without copying."""
+        assert not self.pages, "fork_from needs an empty sequence"
+        with uninterrupted():
+            self.pool.retain(parent.pages)
+            self.pages.extend(parent.pages)
+            self.length = parent.length
 
     def release(self) -> None:
-        self.pool.release(self.pages)
-        self.pages, self.length = [], 0
+        """Give back every page (a no-op when it holds none, so a `finally` may call it whatever happened)."""
+        with uninterrupted():
+            self.pool.release(self.pages)
+            self.pages.clear()
+            self.length = 0
 
     def block_table(self, device: torch.device) -> torch.Tensor:
         return torch.tensor([self.pages], dtype=torch.int32, device=device)
 
     def _copy_last_page(self) -> None:
         (page,) = self.pool.allocate(1)
-        self.pool.kv[:, :, page] = self.pool.kv[:, :, self.pages[-1]]
+        try:
+            self.pool.kv[:, :, page] = self.pool.kv[:, :, self.pages[-1]]
+        except BaseException:
+            self.pool.release([page])
+            raise
         self.pool.release([self.pages[-1]])
         self.pages[-1] = page
+
+
+def release_all(seqs) -> None:
+    """Release every sequence of an iterable, all of them even if Ctrl-C comes in the middle."""
+    with uninterrupted():
+        for seq in seqs:
+            seq.release()

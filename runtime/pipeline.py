@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from tandem.models.positions import mrope_positions
 from tandem.models.tokenizer import expand_image_pads
 from tandem.runtime.answers import answers_agree, extract_answer
 from tandem.runtime.engine import CPU_KV_TOKENS, Engine, Timings, VisionFeatures, parse_dtype
-from tandem.runtime.kv_cache import PagePool, Sequence
+from tandem.runtime.kv_cache import PagePool, Sequence, release_all
 from tandem.runtime.sampling import SamplingParams
 from tandem.runtime.selection import DEFAULT_DELTA, KEEP_MODES, select_key_tokens
 from tandem.runtime.vision_cache import VisionCache, image_digest, tower_fingerprint
@@ -173,8 +174,7 @@ class Tandem:
         try:
             result = self._run_policy(request, policy, keep, delta)
         finally:
-            for prefix in request.prefixes.values():
-                prefix.seq.release()
+            release_all(prefix.seq for prefix in request.prefixes.values())
         result.total_s = time.perf_counter() - start
         return result
 
@@ -259,8 +259,9 @@ class Tandem:
                                 ignore_eos=self.budget.ignore_eos).resolve(engine.sampling_defaults)
         # The fork may copy the prefix's partly filled last page before writing: one page more.
         engine.check_fits(prefix.seq.length + len(suffix) + max_tokens, len(suffix) + max_tokens + engine.pool.page_size)
-        seq = prefix.seq.fork()
+        seq = Sequence(engine.pool)
         try:
+            seq.fork_from(prefix.seq)
             if positions is None:
                 start = seq.length + prefix.rope_delta
                 positions = torch.arange(start, start + len(suffix), device=engine.device).expand(3, -1)
@@ -271,8 +272,8 @@ class Tandem:
             prompt_tokens = seq.length
             mass = torch.zeros(1, prompt_tokens + max_tokens, device=engine.device) if key_mass else None
             out = torch.empty(1, max_tokens, dtype=torch.long, device=engine.device)
-            tokens = [t for (chunk,) in engine.decode_batch([seq], logits, params, [prefix.rope_delta], [timings],
-                                                             mass, out) for t in chunk]
+            with closing(engine.decode_batch([seq], logits, params, [prefix.rope_delta], [timings], mass, out)) as steps:
+                tokens = [t for (chunk,) in steps for t in chunk]
         finally:
             seq.release()
         text_ids, _ = engine.without_stop(tokens, params)

@@ -31,7 +31,8 @@ def test_fork_shares_pages_and_copies_a_partly_filled_last_page_on_write():
     parent = Sequence(pool)
     parent.append_slots(6)
     pool.kv[:, :, parent.pages[1]] = torch.arange(2.0)[:, None, None, None, None]
-    child = parent.fork()
+    child = Sequence(pool)
+    child.fork_from(parent)
     assert child.pages == parent.pages and pool.pages_in_use == 2
     child.append_slots(1)  # writes into the shared, partly filled second page: it must be copied first
     assert child.pages[0] == parent.pages[0] and child.pages[1] != parent.pages[1]
@@ -46,7 +47,8 @@ def test_fork_at_a_page_boundary_copies_nothing():
     pool = make_pool()
     parent = Sequence(pool)
     parent.append_slots(4)
-    child = parent.fork()
+    child = Sequence(pool)
+    child.fork_from(parent)
     child.append_slots(1)
     assert child.pages[0] == parent.pages[0] and pool.pages_in_use == 2
 
