@@ -7,6 +7,7 @@ Accepts both forms transformers has written: 4.x (`rope_scaling` + `rope_theta`,
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,70 +86,126 @@ def load_config(checkpoint_dir: str | Path) -> ModelConfig:
 
 
 def parse_config(raw: dict[str, Any]) -> ModelConfig:
-    """A config.json's contents (or a transformers config's to_dict()) -> ModelConfig; KeyError etc. if malformed."""
-    text, vision = raw["text_config"], raw["vision_config"]
+    """A config.json's contents (or a transformers config's to_dict()) -> ModelConfig. KeyError / TypeError /
+    ValueError, naming the field as config.json spells it, if malformed."""
+    text, vision = _section(raw, "text_config"), _section(raw, "vision_config")
     # 8B has its own lm_head; 2B/4B tie it to the embedding. transformers reads the top-level flag.
     tie = raw.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
     return ModelConfig(
         text=_parse_text(text),
         vision=_parse_vision(vision),
         tie_word_embeddings=bool(tie),
-        image_token_id=int(raw.get("image_token_id", 151655)),
-        vision_start_token_id=int(raw.get("vision_start_token_id", 151652)),
-        vision_end_token_id=int(raw.get("vision_end_token_id", 151653)),
+        image_token_id=_int(raw, "", "image_token_id", 151655, minimum=0),
+        vision_start_token_id=_int(raw, "", "vision_start_token_id", 151652, minimum=0),
+        vision_end_token_id=_int(raw, "", "vision_end_token_id", 151653, minimum=0),
         dtype=raw.get("dtype", raw.get("torch_dtype", text.get("dtype", text.get("torch_dtype")))),
     )
 
 
+_REQUIRED = object()
+
+
+def _section(raw: dict[str, Any], key: str) -> dict[str, Any]:
+    if key not in raw:
+        raise KeyError(f"{key} is missing")
+    if not isinstance(raw[key], dict):
+        raise TypeError(f"{key} must be an object, got {type(raw[key]).__name__}")
+    return raw[key]
+
+
+def _int(section: dict[str, Any], where: str, key: str, default: Any = _REQUIRED, minimum: int = 1) -> int:
+    """The integer field `key` of a config.json section (null counts as absent), at least `minimum`."""
+    value = section.get(key)
+    name = f"{where}.{key}" if where else key
+    if value is None:
+        if default is _REQUIRED:
+            raise KeyError(f"{name} is missing")
+        value = default
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _positive(section: dict[str, Any], where: str, key: str, default: Any = _REQUIRED) -> float:
+    """The number field `key` of a config.json section: finite and > 0."""
+    value = section.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise KeyError(f"{where}.{key} is missing")
+        value = default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{where}.{key} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
 def _parse_text(text: dict[str, Any]) -> TextConfig:
+    where = "text_config"
     rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise TypeError(f"{where}.rope_parameters must be an object, got {type(rope).__name__}")
     rope_theta = rope.get("rope_theta", text.get("rope_theta"))
     if rope_theta is None:
         raise KeyError("text_config has neither rope_parameters.rope_theta nor rope_theta")
+    rope_theta = _positive({"rope_theta": rope_theta}, where, "rope_theta")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
         raise ValueError(f"text rope_type {rope_type!r} is not supported (only 'default' M-RoPE)")
     if rope.get("mrope_interleaved", True) is not True:
         raise ValueError("non-interleaved M-RoPE (Qwen2-VL style) is not Qwen3-VL")
-    section = tuple(int(s) for s in rope.get("mrope_section", (24, 20, 20)))
-    hidden, heads = int(text["hidden_size"]), int(text["num_attention_heads"])
-    head_dim = int(text.get("head_dim") or hidden // heads)
+    hidden, heads = _int(text, where, "hidden_size"), _int(text, where, "num_attention_heads")
+    head_dim = _int(text, where, "head_dim", hidden // heads)
+    kv_heads = _int(text, where, "num_key_value_heads", heads)
+    if heads % kv_heads:
+        raise ValueError(f"{where}.num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})")
+    if head_dim % 2:
+        raise ValueError(f"{where}.head_dim must be even (rotary pairs), got {head_dim}")
+    section = rope.get("mrope_section", (24, 20, 20))
+    if not isinstance(section, (list, tuple)) or any(isinstance(s, bool) or not isinstance(s, int) or s < 0
+                                                     for s in section):
+        raise ValueError(f"mrope_section must be a list of integers >= 0, got {section!r}")
+    section = tuple(section)
     if len(section) != 3 or sum(section) != head_dim // 2:
         raise ValueError(f"mrope_section {list(section)} must have 3 entries summing to head_dim/2 = {head_dim // 2}")
     return TextConfig(
-        vocab_size=int(text["vocab_size"]),
+        vocab_size=_int(text, where, "vocab_size"),
         hidden_size=hidden,
-        intermediate_size=int(text["intermediate_size"]),
-        num_layers=int(text["num_hidden_layers"]),
+        intermediate_size=_int(text, where, "intermediate_size"),
+        num_layers=_int(text, where, "num_hidden_layers"),
         num_heads=heads,
-        num_kv_heads=int(text.get("num_key_value_heads") or heads),
+        num_kv_heads=kv_heads,
         head_dim=head_dim,
-        rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(rope_theta),
+        rms_norm_eps=_positive(text, where, "rms_norm_eps", 1e-6),
+        rope_theta=rope_theta,
         mrope_section=section,  # type: ignore[arg-type]
-        max_position_embeddings=int(text.get("max_position_embeddings", 262144)),
+        max_position_embeddings=_int(text, where, "max_position_embeddings", 262144),
     )
 
 
 def _parse_vision(vision: dict[str, Any]) -> VisionConfig:
+    where = "vision_config"
     rope = vision.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise TypeError(f"{where}.rope_parameters must be an object, got {type(rope).__name__}")
+    indexes = vision.get("deepstack_visual_indexes") or ()
+    if not isinstance(indexes, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int) for i in indexes):
+        raise ValueError(f"{where}.deepstack_visual_indexes must be a list of integers, got {indexes!r}")
     config = VisionConfig(
-        depth=int(vision["depth"]),
-        hidden_size=int(vision["hidden_size"]),
-        intermediate_size=int(vision["intermediate_size"]),
-        num_heads=int(vision["num_heads"]),
-        out_hidden_size=int(vision["out_hidden_size"]),
-        in_channels=int(vision.get("in_channels", 3)),
-        patch_size=int(vision.get("patch_size", 16)),
-        temporal_patch_size=int(vision.get("temporal_patch_size", 2)),
-        spatial_merge_size=int(vision.get("spatial_merge_size", 2)),
-        num_position_embeddings=int(vision["num_position_embeddings"]),
-        deepstack_visual_indexes=tuple(int(i) for i in vision.get("deepstack_visual_indexes", ())),
-        rope_theta=float(rope.get("rope_theta", 10000.0)),
+        depth=_int(vision, where, "depth"),
+        hidden_size=_int(vision, where, "hidden_size"),
+        intermediate_size=_int(vision, where, "intermediate_size"),
+        num_heads=_int(vision, where, "num_heads"),
+        out_hidden_size=_int(vision, where, "out_hidden_size"),
+        in_channels=_int(vision, where, "in_channels", 3),
+        patch_size=_int(vision, where, "patch_size", 16),
+        temporal_patch_size=_int(vision, where, "temporal_patch_size", 2),
+        spatial_merge_size=_int(vision, where, "spatial_merge_size", 2),
+        num_position_embeddings=_int(vision, where, "num_position_embeddings"),
+        deepstack_visual_indexes=tuple(indexes),
+        rope_theta=_positive(rope, where, "rope_theta", 10000.0),
     )
     if config.hidden_size % config.num_heads or config.head_dim % 4:
         raise ValueError(f"vision head_dim {config.hidden_size}/{config.num_heads} must be a whole multiple of 4")
-    side = int(config.num_position_embeddings**0.5)
+    side = math.isqrt(config.num_position_embeddings)
     if side * side != config.num_position_embeddings:
         raise ValueError(f"num_position_embeddings {config.num_position_embeddings} is not a square")
     if any(not 0 <= i < config.depth for i in config.deepstack_visual_indexes):

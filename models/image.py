@@ -1,4 +1,4 @@
-"""Qwen3-VL image loading and preprocessing in torch, on any device.
+"""Qwen3-VL image preprocessing in torch, on any device (loading, from any source, is image_load.py).
 
 The output matches transformers' `Qwen2VLImageProcessorPil` (with Qwen3-VL's settings) to the bit: the resize
 re-implements Pillow's 8-bit BICUBIC resampling (libImaging/Resample.c, including the installed Pillow's choice of
@@ -15,16 +15,18 @@ import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
-import numpy as np
 import PIL
 import torch
-from PIL import Image, ImageOps
 
 from tandem.models.errors import CheckpointError, InputError
+from tandem.models.image_load import ImageLike, image_label, image_size, load_image
 
-ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
+__all__ = [
+    "ImageInputs", "ImageLike", "ImageProcessorConfig", "MAX_ASPECT_RATIO", "image_label", "image_size",
+    "image_tokens", "load_image", "preprocess_images", "resize_bicubic", "smart_resize",
+]
 
 MAX_ASPECT_RATIO = 200
 """Qwen's smart_resize rejects images whose long side exceeds this multiple of the short side."""
@@ -131,73 +133,6 @@ def _config_kwargs(raw: Any) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Loading
-
-
-def load_image(image: str | os.PathLike | Image.Image | np.ndarray) -> torch.Tensor:
-    """Load an image as a uint8 RGB tensor [3, H, W] on the CPU, converting exactly as the reference does.
-
-    Accepts a file path, a PIL image of any mode, or a uint8 numpy array (H, W, 3) RGB or (H, W) grey.
-    A file is opened, EXIF-rotated and converted to RGB as transformers' `load_image` does; a PIL image with alpha
-    (or a transparency key) is composited onto white, as the processor's `convert_to_rgb` does.
-    """
-    if isinstance(image, (str, os.PathLike)):
-        image = _open_image_file(Path(image))
-    if isinstance(image, Image.Image):
-        tensor = torch.from_numpy(np.array(_flatten_to_rgb(image))).permute(2, 0, 1).contiguous()
-    elif isinstance(image, np.ndarray):
-        tensor = _array_to_tensor(image)
-    else:
-        raise InputError(
-            f"unsupported image type {type(image).__name__}: expected a file path, PIL.Image.Image or numpy array"
-        )
-    return _checked_image_tensor(tensor)
-
-
-def _open_image_file(path: Path) -> Image.Image:
-    """Decode a file fully (so errors surface here, with the path) and convert it as transformers' load_image."""
-    if not path.is_file():
-        raise InputError(f"image file not found: {path}")
-    try:
-        with Image.open(path) as opened:
-            opened.load()
-            return ImageOps.exif_transpose(opened).convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise InputError(f"image file {path} could not be decoded: {exc}") from exc
-
-
-def _flatten_to_rgb(image: Image.Image) -> Image.Image:
-    """transformers' convert_to_rgb: transparent pixels become white rather than their stored colour."""
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def _array_to_tensor(array: np.ndarray) -> torch.Tensor:
-    """A uint8 (H, W, 3) or (H, W) array -> a [3, H, W] tensor that owns its memory (grey is repeated to RGB)."""
-    if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
-        raise InputError(
-            f"numpy image must be uint8 with shape (H, W, 3) or (H, W), got dtype {array.dtype} and shape {array.shape}"
-        )
-    if array.ndim == 2:
-        array = np.repeat(array[:, :, None], 3, axis=2)
-    return torch.tensor(np.moveaxis(array, 2, 0))
-
-
-def _checked_image_tensor(image: torch.Tensor) -> torch.Tensor:
-    """Accept only what the resize understands: a non-empty uint8 [3, H, W] tensor."""
-    if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
-        raise InputError(
-            f"image tensor must be uint8 with shape [3, H, W], got dtype {image.dtype} and shape {list(image.shape)}"
-        )
-    if image.shape[1] == 0 or image.shape[2] == 0:
-        raise InputError(f"image has zero size: {image.shape[1]}x{image.shape[2]} (height x width)")
-    return image
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Resizing
 
 
@@ -208,11 +143,12 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     and hence the number of image tokens, is identical. Tiny images are scaled up to reach min_pixels.
     """
     if height <= 0 or width <= 0:
-        raise InputError(f"image has zero size: {height}x{width} (height x width)")
+        raise InputError(f"zero size: {height}x{width} (height x width)")
     ratio = max(height, width) / min(height, width)
     if ratio > MAX_ASPECT_RATIO:
         raise InputError(
-            f"image aspect ratio {ratio:.2f} exceeds {MAX_ASPECT_RATIO} (size {height}x{width}, height x width)"
+            f"aspect ratio {ratio:.2f} exceeds {MAX_ASPECT_RATIO} (size {height}x{width}, height x width); "
+            "crop or pad it"
         )
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
@@ -227,13 +163,34 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h_bar, w_bar
 
 
+def image_tokens(height: int, width: int, config: ImageProcessorConfig = ImageProcessorConfig(),
+                 index: int | None = None) -> int:
+    """The prompt tokens an image of this size takes (`image_size` gives the size without decoding the image).
+
+    The same smart_resize as `preprocess_images`: one token per merge block of the resized image. InputError (naming
+    image `index`) for a size it refuses: zero, or an aspect ratio beyond MAX_ASPECT_RATIO.
+    """
+    height, width = _target_size(height, width, config, None, index)
+    return (height // config.factor) * (width // config.factor)
+
+
+def _target_size(height: int, width: int, config: ImageProcessorConfig, image: object,
+                 index: int | None) -> tuple[int, int]:
+    """smart_resize with the checkpoint's settings, its refusals naming the image."""
+    try:
+        return smart_resize(height, width, config.factor, config.min_pixels, config.max_pixels)
+    except InputError as exc:
+        raise InputError(f"{image_label(image, index)}: {exc}") from None
+
+
 def resize_bicubic(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Resize a uint8 [3, H, W] tensor bit-exactly as `PIL.Image.resize((width, height), BICUBIC)` does.
 
     Like Pillow: one pass per axis whose size changes, each rounded to uint8, in Pillow's order (see
     `_vertical_pass_first`). Returns `image` itself when the size is unchanged. Runs on the tensor's device.
     """
-    _checked_image_tensor(image)
+    if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
+        raise InputError(f"resize_bicubic takes a uint8 [3, H, W] tensor, got {image.dtype} {list(image.shape)}")
     if height <= 0 or width <= 0:
         raise InputError(f"resize target has zero size: {height}x{width} (height x width)")
     if _vertical_pass_first(image.shape[1], image.shape[2], height, width):
@@ -359,15 +316,16 @@ def preprocess_images(
 ) -> ImageInputs:
     """Load, resize, normalize and patchify images as Qwen2VLImageProcessorPil does, computing on `device`.
 
-    Each image may be anything `load_image` accepts or an already-loaded uint8 [3, H, W] tensor. It is moved to
-    `device` as uint8 (the cheapest transfer), processed in float32 there, and cast to `dtype` at the end.
+    Each image may be anything `load_image` accepts; a uint8 [3, H, W] tensor (what load_image returns) is used
+    as it is, on any device. It is moved to `device` as uint8 (the cheapest transfer), processed in float32 there,
+    and cast to `dtype` at the end. Errors name the image by its index in `images`.
     """
     patches, grids = [], []
     table = _normalization_table(config).to(device)
-    for image in images:
-        tensor = _checked_image_tensor(image) if isinstance(image, torch.Tensor) else load_image(image)
+    for index, image in enumerate(images):
+        tensor = image if _is_loaded(image) else load_image(image, index)
         tensor = tensor.to(device)
-        height, width = smart_resize(*tensor.shape[1:], config.factor, config.min_pixels, config.max_pixels)
+        height, width = _target_size(tensor.shape[1], tensor.shape[2], config, image, index)
         resized = resize_bicubic(tensor, height, width)
         patches.append(_patchify(_normalize(resized, table), config))
         grids.append([1, height // config.patch_size, width // config.patch_size])
@@ -378,6 +336,12 @@ def preprocess_images(
         grid_thw=torch.tensor(grids, dtype=torch.int64).view(-1, 3),
         merge_size=config.merge_size,
     )
+
+
+def _is_loaded(image: object) -> bool:
+    """A uint8 RGB [3, H, W] tensor with data needs no loading: taken as is, it also stays on its device (e.g. CUDA)."""
+    return (isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.dim() == 3
+            and image.shape[0] == 3 and image.layout == torch.strided and not image.is_meta)
 
 
 def _normalization_table(config: ImageProcessorConfig) -> torch.Tensor:

@@ -23,6 +23,7 @@ from tandem.models.qwen3_vl import PackedLinear, Qwen3VL
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PROGRESS_BAR_BYTES = 1 << 30
+_FINITE_CHECK_ELEMENTS = 1 << 26  # elements per isfinite() call: a 64 MiB mask at most
 
 
 IN_MEMORY = Path("<state dict>")  # the "file" of tensors handed over in memory, as error messages name it
@@ -185,9 +186,23 @@ def _load(model: Qwen3VL, plan: dict[str, list[Source]], reader: _Reader, dtype:
             module = model.get_submodule(module_name)
             tensor = torch.empty(module._parameters[leaf].shape, dtype=dtype, device=reader.device)
             for s in sources:
-                tensor[s.offset : s.offset + s.shape[0]] = reader.read(s.name, s.file)
+                part = tensor[s.offset : s.offset + s.shape[0]]
+                part.copy_(reader.read(s.name, s.file))
+                _check_finite(part, s, dtype)
                 bar.update(math.prod(s.shape) * dtype.itemsize)
             module._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
+
+
+def _check_finite(loaded: torch.Tensor, source: Source, dtype: torch.dtype) -> None:
+    """Refuse a tensor holding NaN or Inf (a corrupt file, or values beyond `dtype`'s range): the model would load
+    and then generate garbage. Checked on the target device, in slices, so the check's mask stays small."""
+    flat = loaded.view(-1)
+    for chunk in flat.split(_FINITE_CHECK_ELEMENTS):
+        if not bool(torch.isfinite(chunk).all()):
+            bad = int((~torch.isfinite(flat)).sum())
+            raise CheckpointError(
+                f"{source.file}: tensor {source.name} holds {bad} non-finite value(s) (NaN or Inf) once read as "
+                f"{str(dtype).removeprefix('torch.')}; the checkpoint is corrupt, or its values overflow that dtype")
 
 
 def _check_tied_copy(model: Qwen3VL, lm_head: torch.Tensor, path: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 import jinja2.ext
@@ -13,6 +13,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
 from .errors import CheckpointError, InputError
+
+if TYPE_CHECKING:
+    from .config import ModelConfig
 
 # Qwen3-VL's special tokens and their ids; a tokenizer that disagrees belongs to another model.
 SPECIAL_TOKENS = {
@@ -61,6 +64,24 @@ class Tokenizer:
             raise CheckpointError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
         template, source = _find_chat_template(folder, config)
         return cls(hf, config, template, source)
+
+    def check_model(self, config: "ModelConfig", checkpoint_dir: str | Path) -> None:
+        """Refuse a tokenizer that does not belong to the model: ids the embedding has no row for, or image and
+        vision ids other than the ones the model places images at. Cheap: run it before loading any weight."""
+        folder = Path(checkpoint_dir)
+        vocab = config.text.vocab_size
+        if self.vocab_size > vocab:
+            raise CheckpointError(
+                f"{folder / 'tokenizer.json'} has {self.vocab_size} tokens (ids up to {self.vocab_size - 1}), but "
+                f"{folder / 'config.json'} has text_config.vocab_size {vocab}: ids {vocab} and above have no "
+                "embedding; the tokenizer belongs to another model")
+        for name, model_id, tokenizer_id in (("image_token_id", config.image_token_id, self.image_pad_id),
+                                             ("vision_start_token_id", config.vision_start_token_id, self.vision_start_id),
+                                             ("vision_end_token_id", config.vision_end_token_id, self.vision_end_id)):
+            if model_id != tokenizer_id:
+                raise CheckpointError(
+                    f"{folder / 'config.json'} has {name} {model_id}, but the tokenizer's id for that token is "
+                    f"{tokenizer_id}: the model would never find the images in its prompts")
 
     def vocab(self) -> dict[str, int]:
         """Every token and its id, added tokens included."""
@@ -249,7 +270,8 @@ def _validate_part(where: str, part: Any) -> bool:
         raise InputError(f"{where}: must be a dict, got {type(part).__name__}")
     if _is_image_part(part):
         if part.get("image") is None:
-            raise InputError(f"{where}: image part without an \"image\" (a path, URL, or PIL image)")
+            raise InputError(f"{where}: image part without an \"image\" (a file path, data: URL, bytes, PIL image, "
+                             "numpy array or torch tensor)")
         return True
     kind = part.get("type")
     if kind is None:

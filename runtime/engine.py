@@ -2,26 +2,31 @@
 
 from __future__ import annotations
 
+import numbers
 import time
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tandem.kernels import BACKENDS, AttentionMetadata, use_backend
 from tandem.models.config import load_config
 from tandem.models.errors import InputError
-from tandem.models.image import ImageInputs, ImageProcessorConfig, preprocess_images
+from tandem.models.image import ImageInputs, ImageProcessorConfig, image_size, image_tokens, preprocess_images
 from tandem.models.loader import load_model
 from tandem.models.positions import mrope_positions
 from tandem.models.qwen3_vl import Qwen3VL, VisualTokens
-from tandem.models.tokenizer import IncrementalDetokenizer, Tokenizer, build_prompt_ids, expand_image_pads, extract_images
+from tandem.models.tokenizer import (IncrementalDetokenizer, Tokenizer, build_prompt_ids, expand_image_pads,
+                                     extract_images, validate_messages)
 from tandem.runtime.decode import DecodeRunner
 from tandem.runtime.kv_cache import PagePool, Sequence, release_all
 from tandem.runtime.sampling import Sampler, SamplingParams, checkpoint_defaults
 
+Messages = list[dict] | str  # chat messages, or one user message's text
+TokenIds = list[int] | torch.Tensor | np.ndarray  # one 1-D sequence of integer ids
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DEFAULT_PAGE_SIZE = 16
 CPU_KV_TOKENS = 65536  # CPU default: room for one long request; the tests' tiny models need ~1.5 KB per token
@@ -131,6 +136,7 @@ class Engine:
             raise InputError(f"kernel_backend {kernel_backend!r} is not one of {', '.join(BACKENDS)}")
         config = load_config(checkpoint_dir)  # cheap checks first: fail before loading any weight
         tokenizer = Tokenizer.from_pretrained(checkpoint_dir)
+        tokenizer.check_model(config, checkpoint_dir)
         image_config = ImageProcessorConfig.from_checkpoint(checkpoint_dir)
         defaults, eos_ids = checkpoint_defaults(checkpoint_dir)
         model = load_model(checkpoint_dir, device, dtype, config)
@@ -141,26 +147,37 @@ class Engine:
         return cls(model, tokenizer, image_config, pool, defaults, eos_ids, kernel_backend, cuda_graphs)
 
     # ---- public API --------------------------------------------------------------------------------------------
-    def generate(self, messages: list[dict] | None = None, sampling: SamplingParams | None = None, *,
-                 prompt_token_ids: list[int] | None = None, images: list | None = None) -> GenerateOutput:
-        """Generate a reply to chat `messages` (or to ready `prompt_token_ids` with `images`)."""
-        return self._generate([self.prepare(messages, prompt_token_ids, images)], sampling)[0]
+    def generate(self, messages: Messages | None = None, sampling: SamplingParams | None = None, *,
+                 prompt_token_ids: TokenIds | None = None, images: list | None = None) -> GenerateOutput:
+        """Generate a reply to chat `messages` (a plain string is one user message), or to ready
+        `prompt_token_ids` with `images`. Every input is checked before any work."""
+        params = self.resolve(sampling)
+        return self._generate([self.prepare(messages, prompt_token_ids, images, max_tokens=params.max_tokens)],
+                              params)[0]
 
-    def generate_batch(self, requests: list[list[dict] | Prompt], sampling: SamplingParams | None = None
+    def generate_batch(self, requests: list[Messages | Prompt], sampling: SamplingParams | None = None
                        ) -> list[GenerateOutput]:
         """Generate a reply to each request (chat messages, or a Prompt from `prepare`), decoding them together:
         each step feeds one token to every unfinished reply. Every request is checked before any work; the
         sampling params are shared. A reply's tokens are those it would get alone under greedy decoding."""
-        prompts = [r if isinstance(r, Prompt) else self.prepare(r) for r in requests]
-        return self._generate(prompts, sampling) if prompts else []
+        params = self.resolve(sampling)
+        if not isinstance(requests, (list, tuple)):
+            raise InputError(f"generate_batch takes a list of requests, got {type(requests).__name__}")
+        prompts = [r if isinstance(r, Prompt) else self.prepare(r, max_tokens=params.max_tokens) for r in requests]
+        return self._generate(prompts, params) if prompts else []
 
-    def stream(self, messages: list[dict] | None = None, sampling: SamplingParams | None = None, *,
-               prompt_token_ids: list[int] | None = None, images: list | None = None) -> Iterator[str]:
-        """Yield the reply's text piece by piece as tokens are decoded (never half a UTF-8 character)."""
-        prompt = self.prepare(messages, prompt_token_ids, images)
-        stop_ids = self.stop_ids(sampling)
+    def stream(self, messages: Messages | None = None, sampling: SamplingParams | None = None, *,
+               prompt_token_ids: TokenIds | None = None, images: list | None = None) -> Iterator[str]:
+        """Yield the reply's text piece by piece as tokens are decoded (never half a UTF-8 character). Bad input
+        is refused at the call, before the first piece is asked for."""
+        params = self.resolve(sampling)
+        prompt = self.prepare(messages, prompt_token_ids, images, max_tokens=params.max_tokens)
+        return self._stream(prompt, params)
+
+    def _stream(self, prompt: Prompt, params: SamplingParams) -> Iterator[str]:
+        stop_ids = self.stop_ids(params)
         detok = IncrementalDetokenizer(self.tokenizer, prompt.token_ids)
-        with closing(self._token_chunks([prompt], sampling, [Timings()])) as chunks:
+        with closing(self._token_chunks([prompt], params, [Timings()])) as chunks:
             for (chunk,) in chunks:
                 for token in chunk:
                     if token in stop_ids:
@@ -172,23 +189,33 @@ class Engine:
         if tail:
             yield tail
 
-    def prepare(self, messages: list[dict] | None, prompt_token_ids: list[int] | None = None,
-                images: list | None = None) -> Prompt:
-        """Tokenize and preprocess a request. Exactly one of messages / prompt_token_ids; images go with the ids."""
+    def prepare(self, messages: Messages | None, prompt_token_ids: TokenIds | None = None,
+                images: list | None = None, *, max_tokens: int = 0) -> Prompt:
+        """Tokenize and preprocess a request. Exactly one of messages / prompt_token_ids; images go with the ids.
+        Everything is checked before any image is decoded: the messages' structure, the ids, each image's size
+        (read from its header) and whether the prompt, with `max_tokens` more, fits the context and the cache."""
         if (messages is None) == (prompt_token_ids is None):
             raise InputError("pass either messages or prompt_token_ids, not both and not neither")
         if messages is not None:
             if images is not None:
                 raise InputError("images go inside messages as {'type': 'image', 'image': ...} parts")
+            messages = [{"role": "user", "content": messages}] if isinstance(messages, str) else messages
+            validate_messages(messages)
             images = extract_images(messages)
-        start = self.now()
-        inputs = preprocess_images(images, self.image_config, self.device, self.dtype) if images else None
-        preprocess_s = self.now() - start
-        per_image = inputs.tokens_per_image if inputs else []
+        elif images is None:
+            images = []
+        elif not isinstance(images, (list, tuple)):
+            raise InputError(f"images must be a list, got {type(images).__name__}")
+        per_image = [image_tokens(*image_size(image, i), self.image_config, i) for i, image in enumerate(images)]
         if messages is not None:
             ids = build_prompt_ids(self.tokenizer, messages, per_image)
         else:
             ids = expand_image_pads(self._check_ids(prompt_token_ids), per_image, self.tokenizer.image_pad_id)
+        self.check_fits(len(ids) + max_tokens, len(ids) + max_tokens)
+        start = self.now()
+        inputs = preprocess_images(images, self.image_config, self.device, self.dtype) if images else None
+        preprocess_s = self.now() - start
+        assert per_image == (inputs.tokens_per_image if inputs else []), "image token count changed on decoding"
         grids = [tuple(g) for g in inputs.grid_thw.tolist()] if inputs else []
         positions, rope_delta = mrope_positions(ids, grids, self.model.config.image_token_id, self.image_config.merge_size)
         return Prompt(ids, inputs, positions.to(self.device), rope_delta, preprocess_s)
@@ -292,26 +319,25 @@ class Engine:
             self.decoder.end(seqs)
 
     # ---- internals ---------------------------------------------------------------------------------------------
-    def _generate(self, prompts: list[Prompt], sampling: SamplingParams | None) -> list[GenerateOutput]:
+    def _generate(self, prompts: list[Prompt], params: SamplingParams) -> list[GenerateOutput]:
         timings = [Timings() for _ in prompts]
         ids: list[list[int]] = [[] for _ in prompts]
         # closing(): an exception here (Ctrl-C) must end the generation now, not when its traceback is freed.
-        with closing(self._token_chunks(prompts, sampling, timings)) as steps:
+        with closing(self._token_chunks(prompts, params, timings)) as steps:
             for chunks in steps:
                 for row, chunk in zip(ids, chunks):
                     row += chunk
         outputs = []
         for row, t in zip(ids, timings):
-            text_ids, finished = self.without_stop(row, sampling)
+            text_ids, finished = self.without_stop(row, params)
             outputs.append(GenerateOutput(self.tokenizer.decode(text_ids), row, "stop" if finished else "length", t))
         return outputs
 
-    def _token_chunks(self, prompts: list[Prompt], sampling: SamplingParams | None,
+    def _token_chunks(self, prompts: list[Prompt], params: SamplingParams,
                       timings: list[Timings]) -> Iterator[list[list[int]]]:
         """Encode each prompt's images and prefill it, then decode the batch until every reply has met a stop id
-        or max_tokens; yields each reply's new token ids (see `decode_batch`). Pages are released when the
-        generator ends, however it ends."""
-        params = (sampling or SamplingParams()).resolve(self.sampling_defaults)
+        or max_tokens (params: resolved); yields each reply's new token ids (see `decode_batch`). Pages are
+        released when the generator ends, however it ends."""
         totals = [len(p.token_ids) + params.max_tokens for p in prompts]
         size = self.pool.page_size
         self.check_fits(max(totals), sum(-(-total // size) * size for total in totals))
@@ -362,14 +388,41 @@ class Engine:
         params = sampling or SamplingParams()
         return frozenset(() if params.ignore_eos else self.eos_ids) | frozenset(params.stop_token_ids)
 
-    def _check_ids(self, ids: list[int]) -> list[int]:
+    def resolve(self, sampling: SamplingParams | None) -> SamplingParams:
+        """The params a generation runs with: the checkpoint's defaults filled in, every field checked (stop ids
+        against this model's vocabulary). Refuses anything but a SamplingParams."""
+        if sampling is None:
+            sampling = SamplingParams()
+        elif not isinstance(sampling, SamplingParams):
+            raise InputError(f"sampling must be a SamplingParams, got {type(sampling).__name__} "
+                             "(e.g. SamplingParams(max_tokens=64, temperature=0.0))")
+        params = sampling.resolve(self.sampling_defaults)
+        vocab = self.model.config.text.vocab_size
+        for i, token in enumerate(params.stop_token_ids):
+            if not 0 <= token < vocab:
+                raise InputError(f"SamplingParams.stop_token_ids[{i}] = {token} is not a token id in [0, {vocab})")
+        return params
+
+    def _check_ids(self, ids: TokenIds) -> list[int]:
+        """prompt_token_ids as a list of ints: a list or tuple of ints, or a 1-D integer tensor or numpy array."""
+        if isinstance(ids, (torch.Tensor, np.ndarray)):
+            kind = str(ids.dtype).removeprefix("torch.")
+            integer = not ids.dtype.is_floating_point and not ids.dtype.is_complex if isinstance(ids, torch.Tensor) \
+                else ids.dtype.kind in "iu"
+            if not integer or kind == "bool":
+                raise InputError(f"prompt_token_ids is a {type(ids).__name__} of {kind}: token ids are integers")
+            if ids.ndim != 1:
+                raise InputError(f"prompt_token_ids has shape {list(ids.shape)}: pass one sequence of ids (1-D)")
+            ids = ids.tolist()
+        elif not isinstance(ids, (list, tuple)):
+            raise InputError(f"prompt_token_ids must be a list of token ids, got {type(ids).__name__}")
         if not ids:
             raise InputError("prompt_token_ids is empty")
         vocab = self.model.config.text.vocab_size
         for i, t in enumerate(ids):
-            if not isinstance(t, int) or not 0 <= t < vocab:
+            if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < vocab:
                 raise InputError(f"prompt_token_ids[{i}] = {t!r} is not a token id in [0, {vocab})")
-        return list(ids)
+        return [int(t) for t in ids]
 
     def check_fits(self, total: int, new: int) -> None:
         """Refuse, before any work, a sequence that would reach `total` tokens (prompt + max_tokens) with `new` of

@@ -14,6 +14,8 @@ Every page a request took is released when it ends, whether it succeeds or fails
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
@@ -23,9 +25,9 @@ from pathlib import Path
 import torch
 
 from tandem.kernels import gather_tokens
-from tandem.models.errors import InputError
+from tandem.models.errors import CheckpointError, InputError
 from tandem.models.config import load_config
-from tandem.models.image import load_image, preprocess_images
+from tandem.models.image import image_size, image_tokens, load_image, preprocess_images
 from tandem.models.loader import weight_bytes
 from tandem.models.positions import mrope_positions
 from tandem.models.tokenizer import expand_image_pads
@@ -37,7 +39,9 @@ from tandem.runtime.selection import DEFAULT_DELTA, KEEP_MODES, select_key_token
 from tandem.runtime.vision_cache import VisionCache, image_digest, tower_fingerprint
 
 POLICIES = ("large", "small", "small-reason", "large-reason", "transfer", "verify")
-SPLIT = "\x00tandem-split\x00"  # stands for "the question ends here" when rendering the chat template
+# The models each policy's stages use: their prefixes are checked against the caches before any image is decoded.
+POLICY_MODELS = {"large": ("large",), "small": ("small",), "small-reason": ("small",), "large-reason": ("large",),
+                 "transfer": ("small", "large"), "verify": ("large", "small")}
 DEFAULT_VISION_CACHE_BYTES = 1 << 30
 
 
@@ -50,6 +54,13 @@ class Prompts:
                    "like [[answer]].")
     transfer: str = "According to previous thinking: {reasoning}. Answer the question using a single word or phrase."
 
+    def __post_init__(self) -> None:
+        for name in ("short", "reason", "transfer"):
+            if not isinstance(getattr(self, name), str):
+                raise InputError(f"Prompts.{name} must be a string, got {type(getattr(self, name)).__name__}")
+        if self.transfer.count("{reasoning}") != 1:
+            raise InputError("Prompts.transfer must hold {reasoning} exactly once: the reasoning ids go there")
+
 
 @dataclass(frozen=True)
 class Budget:
@@ -60,6 +71,18 @@ class Budget:
     reason_tokens: int = 512
     temperature: float = 0.0
     ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        """Checked here, by the field's own name, as the SamplingParams of each stage would be later."""
+        for name in ("short_tokens", "reason_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise InputError(f"Budget.{name} must be a positive integer, got {value!r}")
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not (math.isfinite(t) and t >= 0):
+            raise InputError(f"Budget.temperature must be a finite number >= 0, got {t!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise InputError(f"Budget.ignore_eos must be True or False, got {self.ignore_eos!r}")
 
 
 @dataclass
@@ -118,10 +141,10 @@ class _Prefix:
 
 @dataclass
 class _Request:
-    image: torch.Tensor  # decoded uint8 [3, H, W] on the CPU
-    digest: str
     question: str
     start: float  # time.perf_counter() when the request came in
+    image: torch.Tensor | None = None  # decoded uint8 [3, H, W] on the CPU, once every check has passed
+    digest: str = ""
     inputs: dict = field(default_factory=dict)  # ImageProcessorConfig -> ImageInputs: preprocessed at most once
     prefixes: dict[str, _Prefix] = field(default_factory=dict)  # model -> its prefix in this request
     chat: dict[str, tuple[str, str]] = field(default_factory=dict)  # model -> chat template around the question
@@ -159,23 +182,33 @@ class Tandem:
 
     def answer(self, image, question: str, policy: str = "verify", keep: str = "all",
                delta: float = DEFAULT_DELTA) -> TandemResult:
-        """Answer `question` about `image` (a path, PIL image or HWC uint8 array) with the given policy."""
+        """Answer `question` about `image` (anything the engine takes as an image: a file path, data URL, bytes,
+        PIL image, numpy HWC array or torch CHW tensor) with the given policy. Everything is checked, the image's
+        size against both caches included, before the image is decoded."""
         if policy not in POLICIES:
             raise InputError(f"policy {policy!r} is not one of {', '.join(POLICIES)}")
         if keep not in KEEP_MODES:
             raise InputError(f"keep {keep!r} is not one of {', '.join(KEEP_MODES)}")
-        if not 0 < delta <= 1:
-            raise InputError(f"delta must be in (0, 1], got {delta}")
+        if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not 0 < delta <= 1:
+            raise InputError(f"delta must be a number in (0, 1], got {delta!r}")
         if not isinstance(question, str) or not question.strip():
-            raise InputError("the question is empty")
-        start = time.perf_counter()
-        pixels = load_image(image)
-        request = _Request(pixels, image_digest(pixels), question.strip(), start)
+            raise InputError("the question is empty" if isinstance(question, str) else
+                             f"the question must be a string, got {type(question).__name__}")
+        request = _Request(question.strip(), time.perf_counter())
+        size = image_size(image, 0)
+        for model in POLICY_MODELS[policy]:
+            engine = self.engines[model]
+            head, tail = self._chat_parts(request, model)
+            pads = image_tokens(*size, engine.image_config, 0)
+            prefix = len(engine.tokenizer.encode(head)) - 1 + pads  # the template's one pad becomes the image's run
+            engine.check_fits(prefix, prefix)
+        request.image = load_image(image, 0)
+        request.digest = image_digest(request.image)
         try:
             result = self._run_policy(request, policy, keep, delta)
         finally:
             release_all(prefix.seq for prefix in request.prefixes.values())
-        result.total_s = time.perf_counter() - start
+        result.total_s = time.perf_counter() - request.start
         return result
 
     # ---- policies ------------------------------------------------------------------------------------------------
@@ -334,11 +367,23 @@ class Tandem:
 
     def _chat_parts(self, request: _Request, model: str) -> tuple[str, str]:
         """The model's chat template rendered around the question: (everything up to and including the question,
-        everything after it up to the assistant's turn). Stage instructions go between the two."""
+        everything after it up to the assistant's turn). Stage instructions go between the two.
+
+        No marker in the text (a user could type it): the question is rendered with an "a" and with a "b" after
+        it, and the two renderings differ exactly where the question ends."""
         if model not in request.chat:
-            content = [{"type": "image", "image": "image"}, {"type": "text", "text": request.question + SPLIT}]
-            rendered = self.engines[model].tokenizer.render_chat([{"role": "user", "content": content}])
-            head, _, tail = rendered.partition(SPLIT)
+            tokenizer = self.engines[model].tokenizer
+
+            def render(text: str) -> str:
+                content = [{"type": "image", "image": "image"}, {"type": "text", "text": text}]
+                return tokenizer.render_chat([{"role": "user", "content": content}])
+
+            a, b = render(request.question + "a"), render(request.question + "b")
+            end = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+            head, tail = a[:end], a[end + 1:]
+            if a != head + "a" + tail or b != head + "b" + tail:
+                raise CheckpointError("the chat template does not copy the user's text into the prompt verbatim, "
+                                      "once: the pipeline cannot place its instructions after the question")
             request.chat[model] = (head, tail)
         return request.chat[model]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -41,23 +42,44 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
 
+    def __post_init__(self) -> None:
+        """Check every field that is set, types included, so a bad value is refused where it is written."""
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise InputError(f"SamplingParams.max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if self.temperature is not None and not (_is_real(self.temperature) and math.isfinite(self.temperature)
+                                                 and self.temperature >= 0):
+            raise InputError(f"SamplingParams.temperature must be a finite number >= 0, got {self.temperature!r}")
+        if self.top_p is not None and not (_is_real(self.top_p) and 0 < self.top_p <= 1):
+            raise InputError(f"SamplingParams.top_p must be a number in (0, 1], got {self.top_p!r}")
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 0):
+            raise InputError(f"SamplingParams.top_k must be an integer >= 0, got {self.top_k!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**64):
+            raise InputError(f"SamplingParams.seed must be an integer in [0, 2**64), got {self.seed!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise InputError(f"SamplingParams.ignore_eos must be True or False, got {self.ignore_eos!r}")
+        stops = self.stop_token_ids
+        if isinstance(stops, (str, bytes)) or not isinstance(stops, (list, tuple, set, frozenset)):
+            raise InputError(f"SamplingParams.stop_token_ids must be a list of token ids, got {stops!r}")
+        for i, token in enumerate(stops):
+            if not _is_int(token) or token < 0:
+                raise InputError(f"SamplingParams.stop_token_ids[{i}] = {token!r} is not a token id")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in stops))
+
     def resolve(self, defaults: "SamplingParams") -> "SamplingParams":
-        """These params with each None taken from `defaults`, then checked."""
+        """These params with each None taken from `defaults` (a temperature below GREEDY_BELOW becomes 0)."""
         filled = {f.name: getattr(defaults, f.name) for f in fields(self) if getattr(self, f.name) is None}
         out = replace(self, **filled)
-        out._check()
         tiny = out.temperature is not None and 0 < out.temperature < GREEDY_BELOW
         return replace(out, temperature=0.0) if tiny else out
 
-    def _check(self) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise InputError(f"SamplingParams.max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if self.temperature is not None and not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise InputError(f"SamplingParams.temperature must be a finite number >= 0, got {self.temperature}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise InputError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
-            raise InputError(f"SamplingParams.top_k must be an integer >= 0, got {self.top_k!r}")
+
+def _is_int(value) -> bool:
+    """An integer (a numpy integer too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def checkpoint_defaults(checkpoint_dir: str | Path) -> tuple[SamplingParams, tuple[int, ...]]:
