@@ -15,6 +15,7 @@ import torch
 from tandem.kernels import BACKENDS, AttentionMetadata, use_backend
 from tandem.models.config import load_config
 from tandem.models.errors import InputError
+from tandem.models.hub import resolve_checkpoint
 from tandem.models.image import ImageInputs, ImageProcessorConfig, image_size, image_tokens, preprocess_images
 from tandem.models.loader import load_model
 from tandem.models.positions import mrope_positions
@@ -125,15 +126,19 @@ class Engine:
         kv_cache_tokens: int | None = None, page_size: int = DEFAULT_PAGE_SIZE, kernel_backend: str | None = None,
         cuda_graphs: bool | None = None,
     ) -> "Engine":
-        """Load a Qwen3-VL checkpoint folder. device/dtype default to cuda + bfloat16 when available, else cpu + float32.
+        """Load a Qwen3-VL checkpoint: a folder, or a Hugging Face model id (see tandem.models.hub). device/dtype default to cuda + bfloat16 when available, else cpu + float32.
         kv_cache_tokens sizes the KV page pool; by default from free device memory (CUDA) or CPU_KV_TOKENS.
         kernel_backend ("torch", "triton" or "auto") overrides TANDEM_KERNEL_BACKEND for this engine; cuda_graphs
         replays each decode step as a CUDA graph where the kernels allow it (CUDA + Triton); None:
         TANDEM_CUDA_GRAPHS, on by default."""
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = parse_device(device)
         dtype = parse_dtype(dtype, device)
+        for name, value in (("kv_cache_tokens", kv_cache_tokens), ("page_size", page_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+                raise InputError(f"{name} must be a positive integer, got {value!r}")
         if kernel_backend is not None and kernel_backend not in BACKENDS:
             raise InputError(f"kernel_backend {kernel_backend!r} is not one of {', '.join(BACKENDS)}")
+        checkpoint_dir = resolve_checkpoint(checkpoint_dir)
         config = load_config(checkpoint_dir)  # cheap checks first: fail before loading any weight
         tokenizer = Tokenizer.from_pretrained(checkpoint_dir)
         tokenizer.check_model(config, checkpoint_dir)
@@ -475,6 +480,27 @@ def device_clock(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()
     return time.perf_counter()
+
+
+def parse_device(device: str | torch.device | None) -> torch.device:
+    """The device to run on: CUDA when available by default. Refuses, in one line, a name torch does not know and
+    a CUDA device this machine does not have."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InputError(f"device {device!r} is not a device name: use cuda, cuda:N or cpu") from e
+    if parsed.type not in ("cuda", "cpu"):
+        raise InputError(f"device {device!r}: Tandem runs on cuda or cpu")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise InputError(f"device {device!r}: torch sees no CUDA device (torch {torch.__version__}, {build}); "
+                             "run on the CPU instead (device='cpu', --device cpu)")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise InputError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return parsed
 
 
 def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:

@@ -26,13 +26,14 @@ import torch
 
 from tandem.kernels import gather_tokens
 from tandem.models.errors import CheckpointError, InputError
+from tandem.models.hub import resolve_checkpoint
 from tandem.models.config import load_config
 from tandem.models.image import image_size, image_tokens, load_image, preprocess_images
 from tandem.models.loader import weight_bytes
 from tandem.models.positions import mrope_positions
 from tandem.models.tokenizer import expand_image_pads
 from tandem.runtime.answers import answers_agree, extract_answer
-from tandem.runtime.engine import CPU_KV_TOKENS, Engine, Timings, VisionFeatures, parse_dtype
+from tandem.runtime.engine import CPU_KV_TOKENS, Engine, Timings, VisionFeatures, parse_device, parse_dtype
 from tandem.runtime.kv_cache import PagePool, Sequence, release_all
 from tandem.runtime.sampling import SamplingParams
 from tandem.runtime.selection import DEFAULT_DELTA, KEEP_MODES, select_key_tokens
@@ -173,7 +174,8 @@ class Tandem:
                         kernel_backend: str | None = None, **kwargs) -> "Tandem":
         """Both models on one device. By default each model's KV cache gets the same number of tokens, together
         85% of the device memory the two models' weights leave free (CUDA), or CPU_KV_TOKENS each (CPU)."""
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = parse_device(device)
+        large, small = resolve_checkpoint(large), resolve_checkpoint(small)
         if kv_cache_tokens is None:
             kv_cache_tokens = _shared_kv_tokens([large, small], device, dtype)
         engines = [Engine.from_pretrained(p, device, dtype, kv_cache_tokens, kernel_backend=kernel_backend)
