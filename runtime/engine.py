@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from tandem.kernels import BACKENDS, AttentionMetadata, use_backend
+from tandem.kernels.backend import implementation
 from tandem.models.config import load_config
 from tandem.models.errors import InputError
 from tandem.models.hub import resolve_checkpoint
@@ -138,6 +139,11 @@ class Engine:
                 raise InputError(f"{name} must be a positive integer, got {value!r}")
         if kernel_backend is not None and kernel_backend not in BACKENDS:
             raise InputError(f"kernel_backend {kernel_backend!r} is not one of {', '.join(BACKENDS)}")
+        try:  # the backend must be able to run on this device (and TANDEM_KERNEL_BACKEND must be valid)
+            with use_backend(kernel_backend):
+                implementation(device)
+        except ValueError as e:
+            raise InputError(f"kernel backend on {device}: {e}") from e
         checkpoint_dir = resolve_checkpoint(checkpoint_dir)
         config = load_config(checkpoint_dir)  # cheap checks first: fail before loading any weight
         tokenizer = Tokenizer.from_pretrained(checkpoint_dir)
@@ -441,7 +447,7 @@ class Engine:
         if pages > self.pool.free_pages:
             raise InputError(f"prompt + max_tokens needs {pages * size} tokens of KV cache ({pages} pages of {size}), "
                              f"more than the {self.pool.free_pages * size} free (capacity {self.pool.capacity_tokens}; "
-                             f"raise kv_cache_tokens or lower max_tokens)")
+                             f"raise kv_cache_tokens (--kv-cache-tokens) or lower max_tokens)")
 
     def now(self) -> float:
         """A clock reading after the device has finished this stream's work (see device_clock)."""
