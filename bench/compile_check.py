@@ -7,7 +7,7 @@ they would on the GPU, Triton lowers the kernel to PTX and ptxas assembles it. N
 garbage; what is checked is that each kernel compiles, and, from the cubin's resource usage (cuobjdump), its
 shared memory fits the device and its registers do not spill.
 
-    python bench/compile_check.py [--arch 90] [--json out.json]
+    python -m tandem.bench.compile_check [--arch 90] [--json out.json]
 
 Runs with TRITON_INTERPRET unset (the kernels must be real JIT functions); tests/test_triton_compile.py runs it.
 """

@@ -1,6 +1,7 @@
 """Micro-benchmarks: each Triton kernel (and CUDA C++ op) beside the torch code it replaces, on CUDA at real sizes.
 
-    python -m pytest bench/test_kernels.py --benchmark-json=bench.json && python bench/report.py bench.json
+    python -m pytest bench/test_kernels.py --benchmark-json=bench.json
+    python -m tandem.bench.kernels_report bench.json
 
 Every case records the bytes it must move at least (inputs read once, outputs written once), so the report can
 give achieved bandwidth against the device's measured copy bandwidth (test_device_copy). Calls are timed in

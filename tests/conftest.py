@@ -15,6 +15,10 @@ if not torch.cuda.is_available():
 
 from tandem.models.tiny import build_random_checkpoint
 
+# Tests of Triton on CPU tensors run only under the interpreter; on a CUDA machine their `gpu` twins run compiled.
+needs_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or torch.cuda.is_available(),
+                                       reason="needs Triton's CPU interpreter (TRITON_INTERPRET=1, no CUDA)")
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
@@ -23,6 +27,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def no_tf32():
+    """float32 matmuls and convolutions in full precision on CUDA while the test runs (cuDNN's default TF32 puts
+    transformers' Conv3d patch embedding ~3e-4 off in a float32 comparison); the previous settings after."""
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ it gets alone (and, for text prompts, the one transformers generates), whatever 
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +16,7 @@ from tandem.models.errors import InputError
 from tandem.runtime import Engine, SamplingParams, Timings
 from tandem.runtime.kv_cache import Sequence
 
-from conftest import random_image
+from conftest import needs_interpreter, random_image
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 
@@ -137,16 +137,25 @@ def test_a_bad_request_refuses_the_whole_batch_before_any_work(engine, alone):
     assert engine.generate_batch([], GREEDY) == []
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="needs CUDA or Triton's CPU interpreter")
-def test_triton_batch_equals_torch_batch(tiny_2b):
-    """The Triton kernels on a padded batch (3 requests in 4 rows) give the torch references' tokens."""
+def batch_tokens_by_backend(checkpoint: Path, device: str) -> dict:
+    """The Triton kernels' and the torch references' tokens for a padded batch (3 requests in 4 rows)."""
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     requests = [text_message("hi"), image_message("What?", 64, 96), text_message("Count to ten, slowly.")]
     tokens = {}
     for backend in ("torch", "triton"):
-        engine = Engine.from_pretrained(tiny_2b, device="cuda" if torch.cuda.is_available() else "cpu",
-                                        dtype="float32", kv_cache_tokens=1024,
+        engine = Engine.from_pretrained(checkpoint, device=device, dtype="float32", kv_cache_tokens=1024,
                                         kernel_backend=backend)
         tokens[backend] = [o.token_ids for o in engine.generate_batch(requests, params)]
+    return tokens
+
+
+@needs_interpreter
+def test_triton_batch_equals_torch_batch_in_interpreter(tiny_2b):
+    tokens = batch_tokens_by_backend(tiny_2b, "cpu")
+    assert tokens["triton"] == tokens["torch"]
+
+
+@pytest.mark.gpu
+def test_triton_batch_equals_torch_batch_on_cuda(tiny_2b):
+    tokens = batch_tokens_by_backend(tiny_2b, "cuda")
     assert tokens["triton"] == tokens["torch"]

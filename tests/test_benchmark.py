@@ -17,9 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
+from tandem.bench.latency import PARTS, _policy_summary, build_models, decode_weight_bytes, text_ids
+from tandem.bench.latency_report import COLUMNS, plot_latency
 from tandem.models.tiny import PRESETS, write_support_files
-from tandem.runtime.bench_report import COLUMNS, plot_latency
-from tandem.runtime.benchmark import PARTS, _policy_summary, build_models, decode_weight_bytes, text_ids
 from tandem.runtime.cli import main
 from tandem.runtime.pipeline import POLICIES
 
@@ -94,6 +94,8 @@ def test_every_measured_number_is_positive_and_finite(run):
         for path, value in _numbers(data[section], section):
             if path.startswith("policies.budget."):  # settings (temperature 0), not measurements
                 continue
+            if path.startswith("decode.stop."):  # counts and a token id: 0 is a valid value (test_stop_check)
+                continue
             assert math.isfinite(value) and value > 0, (path, value)
             found += 1
     assert found > 200
@@ -133,6 +135,16 @@ def test_forced_lengths_were_produced(run):
             for stage in one["stages"]:
                 expected = REASON if stage["role"] == "reason" else SHORT
                 assert stage["output_tokens"] == stage["expected_tokens"] == expected, (name, stage)
+
+
+def test_stop_check_counts_the_steps_run_past_a_stop(run):
+    """The reply's 4th token made a stop id ends the reply at that id's first occurrence; the steps past it are
+    the decode steps run beyond the output_tokens - 1 that produced the reply."""
+    stop = run["data"]["decode"]["stop"]
+    assert stop["max_tokens"] == 16 and stop["stop_position"] == 4
+    assert stop["finish_reason"] == "stop" and stop["output_tokens"] == stop["expected_tokens"] <= 4
+    assert stop["steps_past_stop"] == stop["decode_steps"] - (stop["output_tokens"] - 1) >= 0
+    assert f"{stop['steps_past_stop']} past the stop" in run["printed"]
 
 
 def test_verify_reports_its_verdict_time_and_the_sequential_run(run):
@@ -296,12 +308,12 @@ def test_skip_hf_and_a_subset_of_parts(tmp_path):
 def test_a_failing_part_is_reported_and_the_others_still_run(tmp_path, monkeypatch):
     """A part that raises (here prefill, made to fail) becomes {"unavailable": why}; the parts after it run, the
     run completes, and the summary says which part failed and why."""
-    from tandem.runtime import benchmark
+    from tandem.bench import latency
 
     def broken(*args):
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr(benchmark, "bench_prefill", broken)
+    monkeypatch.setattr(latency, "bench_prefill", broken)
     code, printed = _run(["bench", "--quick", "--parts", "decode,prefill,vision", "--skip-hf", "--device", "cpu",
                           "--repeats", "1", "--lengths", "2", "--image-sizes", "64", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "bench.json").read_text())

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
+from importlib.metadata import entry_points
+from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from tandem.runtime.cli import main
@@ -57,3 +61,18 @@ def test_errors_are_one_line_and_exit_2(tiny_2b, tmp_path, capsys):
     assert err.startswith("tandem: error:") and "missing.png" in err
     assert main(["generate", "--model", str(tmp_path), "hi"]) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+def test_bench_is_an_installed_command_the_runtime_never_imports(capsys):
+    """`tandem bench` comes from tandem.bench through the entry-point group "tandem.commands"; nothing in the
+    runtime, models or kernels imports tandem.bench (dependencies point one way: bench -> runtime -> models ->
+    kernels)."""
+    commands = {e.name: e.value for e in entry_points(group="tandem.commands")}
+    assert commands["bench"] == "tandem.bench.cli:add_command"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--help"])
+    assert exit_info.value.code == 0 and "--parts PART,..." in capsys.readouterr().out
+    root = Path(__file__).resolve().parents[1]
+    for folder in ("runtime", "models", "kernels"):
+        for path in (root / folder).rglob("*.py"):
+            assert not re.search(r"^\s*(from|import)\s+tandem\.bench", path.read_text(), re.MULTILINE), path

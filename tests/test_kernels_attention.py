@@ -1,10 +1,12 @@
 """The Triton attention kernels against their torch references (tandem.kernels.attention).
 
-On the CPU they run in Triton's interpreter (conftest sets TRITON_INTERPRET=1), in float32 and with small
-shapes; the @pytest.mark.gpu tests repeat the comparisons in float16/bfloat16 on CUDA against the reference
-computed in float32 from the same inputs. Everything a kernel must not read is poisoned with NaN: cache pages in
-no block table, block-table entries past a sequence's pages, slots past seq_len in a last page, and the columns
-of q's fused projection buffer that are not q. A read outside the intended region turns the output into NaN.
+Without CUDA they run in Triton's interpreter (conftest sets TRITON_INTERPRET=1), in float32 and with small
+shapes; with CUDA the same tests run compiled on DEVICE (the kernels' dots use input_precision="ieee", so the
+float32 tolerances hold there too), and the @pytest.mark.gpu tests repeat the comparisons in float16/bfloat16 at
+larger sizes against the reference computed in float32 from the same inputs. Everything a kernel must not read
+is poisoned with NaN: cache pages in no block table, block-table entries past a sequence's pages, slots past
+seq_len in a last page, and the columns of q's fused projection buffer that are not q. A read outside the
+intended region turns the output into NaN.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from tandem.kernels import attention as reference
 from tandem.kernels import attention_triton as kernels
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAN = float("nan")
 FP32_TOL = dict(atol=2e-5, rtol=1e-4)
 GPU_TOL = {torch.float16: dict(atol=2e-3, rtol=2e-3), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
@@ -101,30 +104,30 @@ PREFILL_CASES = {
 @pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
 @pytest.mark.parametrize("case", PREFILL_CASES)
 def test_prefill_matches_reference(case, config):
-    out, expected = run_prefill(*PREFILL_CASES[case], config, torch.float32, "cpu")
+    out, expected = run_prefill(*PREFILL_CASES[case], config, torch.float32, DEVICE)
     torch.testing.assert_close(out, expected, **FP32_TOL)
 
 
 @pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[1]], ids=CONFIG_IDS[:2])
 def test_prefill_several_query_blocks_on_a_prefix(config):
     # More new tokens than one query block (64 rows in float32), on top of a 61-token prefix.
-    out, expected = run_prefill([211, 9], [150, 9], config, torch.float32, "cpu")
+    out, expected = run_prefill([211, 9], [150, 9], config, torch.float32, DEVICE)
     torch.testing.assert_close(out, expected, **FP32_TOL)
 
 
 def test_prefill_single_token():
-    out, expected = run_prefill([1], [1], CONFIGS[1], torch.float32, "cpu")
+    out, expected = run_prefill([1], [1], CONFIGS[1], torch.float32, DEVICE)
     torch.testing.assert_close(out, expected, **FP32_TOL)
 
 
-def test_prefill_float16_in_interpreter():
-    out, expected = run_prefill([17, 37], [17, 5], CONFIGS[2], torch.float16, "cpu")
+def test_prefill_float16():
+    out, expected = run_prefill([17, 37], [17, 5], CONFIGS[2], torch.float16, DEVICE)
     torch.testing.assert_close(out.float(), expected, **GPU_TOL[torch.float16])
 
 
 @pytest.mark.parametrize("seq_lens", [[], [5, 3]], ids=["no-sequences", "no-new-tokens"])
 def test_prefill_empty(seq_lens):
-    out, expected = run_prefill(seq_lens, [0] * len(seq_lens), CONFIGS[0], torch.float32, "cpu")
+    out, expected = run_prefill(seq_lens, [0] * len(seq_lens), CONFIGS[0], torch.float32, DEVICE)
     assert out.shape == expected.shape == (0, 4, 64)
 
 
@@ -161,14 +164,14 @@ def test_decode_lens_use_several_splits():
         max_context = -(-300 // page_size) * page_size
         block_n = kernels._block_n(kernels._block_d(head_dim), 4)
         num_splits, split_len = kernels._decode_splits(len(DECODE_LENS), kv_heads, max_context, block_n,
-                                                       torch.device("cpu"))
+                                                       torch.device(DEVICE))
         assert num_splits >= 3 and split_len % block_n == 0 and num_splits * split_len >= max_context
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
 @pytest.mark.parametrize("with_mass", [False, True], ids=["no-mass", "key-mass"])
 def test_decode_matches_reference(with_mass, config):
-    out, expected, mass, expected_mass = run_decode(DECODE_LENS, config, torch.float32, "cpu", with_mass)
+    out, expected, mass, expected_mass = run_decode(DECODE_LENS, config, torch.float32, DEVICE, with_mass)
     torch.testing.assert_close(out, expected, **FP32_TOL)
     if with_mass:
         torch.testing.assert_close(mass, expected_mass, **MASS_TOL)
@@ -180,10 +183,10 @@ def test_decode_key_mass_accumulates_over_calls():
     heads, kv_heads, head_dim, page_size = CONFIGS[1]
     gen = torch.Generator().manual_seed(3)
     seq_lens = [37, 5]
-    k_cache, v_cache, block_tables = paged_cache(seq_lens, kv_heads, head_dim, page_size, torch.float32, "cpu", gen)
-    q = fused_view(2, heads, head_dim, torch.float32, "cpu", gen)
-    lens = int32(seq_lens, "cpu")
-    mass, expected = torch.zeros(2, 40), torch.zeros(2, 40)
+    k_cache, v_cache, block_tables = paged_cache(seq_lens, kv_heads, head_dim, page_size, torch.float32, DEVICE, gen)
+    q = fused_view(2, heads, head_dim, torch.float32, DEVICE, gen)
+    lens = int32(seq_lens, DEVICE)
+    mass, expected = torch.zeros(2, 40, device=DEVICE), torch.zeros(2, 40, device=DEVICE)
     for _ in range(2):  # two layers
         kernels.decode_attention(q, k_cache, v_cache, block_tables, lens, 0.1, mass)
         reference.decode_attention(q, k_cache, v_cache, block_tables, lens, 0.1, expected)
@@ -191,19 +194,19 @@ def test_decode_key_mass_accumulates_over_calls():
 
 
 def test_decode_single_token_context():
-    out, expected, mass, expected_mass = run_decode([1], CONFIGS[3], torch.float32, "cpu", True)
+    out, expected, mass, expected_mass = run_decode([1], CONFIGS[3], torch.float32, DEVICE, True)
     torch.testing.assert_close(out, expected, **FP32_TOL)
     torch.testing.assert_close(mass, expected_mass, **MASS_TOL)
 
 
-def test_decode_float16_in_interpreter():
-    out, expected, mass, expected_mass = run_decode([300, 9], CONFIGS[2], torch.float16, "cpu", True)
+def test_decode_float16():
+    out, expected, mass, expected_mass = run_decode([300, 9], CONFIGS[2], torch.float16, DEVICE, True)
     torch.testing.assert_close(out.float(), expected, **GPU_TOL[torch.float16])
     torch.testing.assert_close(mass, expected_mass, atol=1e-3, rtol=1e-3)
 
 
 def test_decode_empty():
-    out, expected, mass, expected_mass = run_decode([], CONFIGS[0], torch.float32, "cpu", True)
+    out, expected, mass, expected_mass = run_decode([], CONFIGS[0], torch.float32, DEVICE, True)
     assert out.shape == expected.shape == (0, 4, 64) and mass.numel() == 0
 
 
@@ -228,27 +231,27 @@ VARLEN_HEADS = [(4, 4, 72), (4, 2, 64), (2, 2, 128), (8, 1, 64)]
 
 @pytest.mark.parametrize("heads", VARLEN_HEADS, ids=[f"h{h}-kv{kv}-d{d}" for h, kv, d in VARLEN_HEADS])
 def test_varlen_matches_reference(heads):
-    out, expected = run_varlen([1, 17, 70, 3], *heads, torch.float32, "cpu")
+    out, expected = run_varlen([1, 17, 70, 3], *heads, torch.float32, DEVICE)
     torch.testing.assert_close(out, expected, **FP32_TOL)
 
 
 def test_varlen_segment_longer_than_a_block():
-    out, expected = run_varlen([150, 37], 2, 2, 72, torch.float32, "cpu")
+    out, expected = run_varlen([150, 37], 2, 2, 72, torch.float32, DEVICE)
     torch.testing.assert_close(out, expected, **FP32_TOL)
 
 
 def test_varlen_single_token():
-    out, expected = run_varlen([1], 4, 4, 72, torch.float32, "cpu")
+    out, expected = run_varlen([1], 4, 4, 72, torch.float32, DEVICE)
     torch.testing.assert_close(out, expected, **FP32_TOL)
 
 
-def test_varlen_float16_in_interpreter():
-    out, expected = run_varlen([70, 37], 4, 4, 72, torch.float16, "cpu")
+def test_varlen_float16():
+    out, expected = run_varlen([70, 37], 4, 4, 72, torch.float16, DEVICE)
     torch.testing.assert_close(out.float(), expected, **GPU_TOL[torch.float16])
 
 
 def test_varlen_empty():
-    out, expected = run_varlen([], 4, 4, 72, torch.float32, "cpu")
+    out, expected = run_varlen([], 4, 4, 72, torch.float32, DEVICE)
     assert out.shape == expected.shape == (0, 4, 72)
 
 
@@ -317,19 +320,19 @@ def test_dispatcher_runs_these_kernels(monkeypatch):
     load = backend._load
     monkeypatch.setattr(backend, "_load", lambda path: loaded.append(load(path)) or loaded[-1])
     gen = torch.Generator().manual_seed(5)
-    k_cache, v_cache, block_tables = paged_cache([5], 2, 36, 4, torch.float32, "cpu", gen)
-    q = torch.randn(5, 4, 36, generator=gen)
-    lens = int32([5], "cpu")
+    k_cache, v_cache, block_tables = paged_cache([5], 2, 36, 4, torch.float32, DEVICE, gen)
+    q = torch.randn(5, 4, 36, generator=gen).to(DEVICE)
+    lens = int32([5], DEVICE)
     with ops.use_backend("triton"):
-        ops.prefill_attention(q, k_cache, v_cache, block_tables, lens, cumulative([5], "cpu"), 5, 0.2)
+        ops.prefill_attention(q, k_cache, v_cache, block_tables, lens, cumulative([5], DEVICE), 5, 0.2)
         ops.decode_attention(q[:1], k_cache, v_cache, block_tables, lens, 0.2)
-        ops.varlen_attention(q, q, q, cumulative([2, 3], "cpu"), 3, 0.2)
+        ops.varlen_attention(q, q, q, cumulative([2, 3], DEVICE), 3, 0.2)
     assert loaded == [kernels.prefill_attention, kernels.decode_attention, kernels.varlen_attention]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="flash-attn is not installed")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=GPU_DTYPE_IDS)
 def test_flash_attn_varlen_matches_reference(dtype):
     from tandem.kernels import attention_flash
 

@@ -283,7 +283,7 @@ def test_public_op_runs_the_triton_kernel_when_asked():
 
 # GPU: half precisions at real sizes ----------------------------------------------------------------------------
 
-HALF_DTYPES = [torch.bfloat16, torch.float16]
+HALF_DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
 
 
 @pytest.mark.gpu

@@ -1,9 +1,9 @@
 """Every Triton kernel compiles for the H100 / H200 (sm_90) at the real Qwen3-VL sizes, on a machine with no GPU.
 
-bench/compile_check.py calls each op's Triton wrapper with a stand-in driver that makes launches compile only (see
-its docstring); Triton lowers each kernel to PTX and ptxas assembles it. This catches what Triton's CPU
+tandem.bench.compile_check calls each op's Triton wrapper with a stand-in driver that makes launches compile only
+(see its docstring); Triton lowers each kernel to PTX and ptxas assembles it. This catches what Triton's CPU
 interpreter lets through (shape rules of tl.dot, layouts, types) and tiles that need more shared memory than the
-device has, before a GPU session spends its time on them.
+device has, before a GPU run spends its time on them.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def launched_kernels() -> set[str]:
 def report(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("compile") / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "compile_check.py"), "--json", str(out)], env=env,
+    done = subprocess.run([sys.executable, "-m", "tandem.bench.compile_check", "--json", str(out)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(out.read_text())

@@ -25,6 +25,9 @@ Columns:
   P + max L)` (one cache for every L, reset before each call, so shapes never change) and `compile_config=
   CompileConfig()` (transformers compiles its forward for the decode steps: inductor, mode reduce-overhead). CUDA
   only; where it is not run, or fails, or transformers declines to compile, the column says "unavailable: <why>".
+- decode, steps past a stop (Tandem): a greedy reply of 16 tokens; its 4th token becomes the stop id of the same
+  request run again (ignore_eos); steps_past_stop = Timings.decode_steps - (output tokens - 1): the decode steps
+  the engine ran after the one that sampled the stop token.
 - floor: bytes of every weight one decode step reads (the text decoder's layers and final norm, the output head,
   one embedding row) / device copy bandwidth (2 x buffer bytes / median time of `dst.copy_(src)` on a 1 GiB
   buffer, smaller on the CPU). The KV cache the step also reads is not counted: the floor is a lower bound.
@@ -45,7 +48,7 @@ Columns:
   request costs when the answers agree; random models rarely agree, so the transfer stage usually runs after it),
   and runs a second time with its two first stages one after the other ("verify (sequential)"): the gain of
   running them at once on two CUDA streams (on the CPU both rows run sequentially).
-- profile (tandem.runtime.bench_profile): where the time goes, for a missed target. torch.profiler over
+- profile (tandem.bench.profiling): where the time goes, for a missed target. torch.profiler over
   profile_steps decode steps at batch 1 (with CUDA graphs and, on a GPU, without), and over one first-token request
   with one image of the policies' size: the top kernels (operators on the CPU) per step, device busy time vs wall.
 """
@@ -65,13 +68,15 @@ import time
 import traceback
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from tandem.bench.latency_report import write_outputs
+from tandem.bench.profiling import forced_greedy, profile_decode, profile_first_token
 from tandem.kernels.backend import implementation, use_backend
 from tandem.models.config import parse_config
 from tandem.models.errors import InputError
@@ -80,8 +85,6 @@ from tandem.models.loader import load_model_from_state_dict
 from tandem.models.qwen3_vl import Qwen3VL
 from tandem.models.tiny import GENERATION_CONFIG, PRESETS, perturb_weights, write_support_files
 from tandem.models.tokenizer import Tokenizer
-from tandem.runtime.bench_profile import forced_greedy, profile_decode, profile_first_token
-from tandem.runtime.bench_report import write_outputs
 from tandem.runtime.engine import DEFAULT_PAGE_SIZE, Engine, device_clock, parse_dtype
 from tandem.runtime.kv_cache import PagePool
 from tandem.runtime.pipeline import POLICIES, Budget, Tandem
@@ -108,6 +111,8 @@ TEXT_ID_LIMIT = 151643  # ids below this are ordinary byte-pair tokens (no speci
 PAD_ID = GENERATION_CONFIG["pad_token_id"]
 COPY_BYTES = {"cuda": 1 << 30, "cpu": 64 << 20, "cpu-quick": 16 << 20}
 COPY_SAMPLES = 20
+STOP_CHECK_TOKENS = 16  # the stop check's reply length ...
+STOP_POSITION = 4  # ... and the 1-based position of the token that becomes its stop id
 
 
 @dataclass
@@ -244,7 +249,7 @@ def _planned_runs(s: BenchSettings) -> int:
     if {"decode", "batch"} & set(s.parts):
         total += 1  # copy bandwidth
     if "decode" in s.parts:
-        total += (1 + hf + compiled) * (1 + s.repeats * len(s.lengths))
+        total += (1 + hf + compiled) * (1 + s.repeats * len(s.lengths)) + 1  # + the stop check
     if "batch" in s.parts:
         total += per_config * len(s.batch_sizes)
     if "prefill" in s.parts:
@@ -453,7 +458,25 @@ def bench_decode(built: Built, s: BenchSettings, progress: Progress, floor_ms: f
     columns = {name: _column(s.lengths, r, floor_ms) for name, r in runs.items()}
     if built.hf is None:
         columns["hf_eager"] = _unavailable("skipped (--skip-hf)")
-    return {"prompt_tokens": s.decode_prompt_tokens, "lengths": list(s.lengths), "columns": columns}
+    stop = measure_stop(engine, ids)
+    progress.step("decode stop check")
+    return {"prompt_tokens": s.decode_prompt_tokens, "lengths": list(s.lengths), "columns": columns, "stop": stop}
+
+
+def measure_stop(engine: Engine, ids: list[int]) -> dict:
+    """Decode steps run past a stop: a greedy reply of STOP_CHECK_TOKENS tokens, then the same request with the
+    reply's STOP_POSITION-th token as its stop id (ignore_eos: no other id stops it). The reply now ends at that
+    id's first occurrence, and the steps the engine ran after the one that sampled it were wasted:
+    steps_past_stop = decode_steps - (output_tokens - 1), as the first token comes out of the prefill."""
+    free = engine.generate(prompt_token_ids=ids, sampling=forced_greedy(STOP_CHECK_TOKENS)).token_ids
+    stop = free[STOP_POSITION - 1]
+    out = engine.generate(prompt_token_ids=ids,
+                          sampling=replace(forced_greedy(STOP_CHECK_TOKENS), stop_token_ids=(stop,)))
+    steps = out.timings.decode_steps
+    return {"max_tokens": STOP_CHECK_TOKENS, "stop_position": STOP_POSITION, "stop_token_id": stop,
+            "expected_tokens": free.index(stop) + 1, "output_tokens": len(out.token_ids),
+            "finish_reason": out.finish_reason, "decode_steps": steps,
+            "steps_past_stop": steps - (len(out.token_ids) - 1)}
 
 
 def bench_decode_compiled(built: Built, s: BenchSettings, progress: Progress, floor_ms: float | None) -> dict:
@@ -622,7 +645,7 @@ def bench_vision(built: Built, s: BenchSettings, progress: Progress) -> dict:
 
 def bench_profiles(built: Built, s: BenchSettings, progress: Progress) -> dict:
     """torch.profiler views of a decode step (with CUDA graphs and, where the engine uses them, without) and of a
-    first token with one image; see tandem.runtime.bench_profile."""
+    first token with one image; see tandem.bench.profiling."""
     engine = built.engine
     ids = text_ids(s.decode_prompt_tokens, s.seed)
     decode = {}
@@ -782,7 +805,7 @@ def run_benchmark(settings: BenchSettings, command: str, out_dir: Path | None = 
             files = write_support_files(Path(tmp))
             single = [p for p in s.parts if p != "policies"]
             if single:
-                kv = max(s.decode_prompt_tokens + max(s.lengths), max(s.prompt_lengths) + 1,
+                kv = max(s.decode_prompt_tokens + max(*s.lengths, STOP_CHECK_TOKENS), max(s.prompt_lengths) + 1,
                          (max(s.image_sizes) // 32 + 2) ** 2 + 256,
                          max(s.batch_sizes) * (s.decode_prompt_tokens + s.batch_tokens + DEFAULT_PAGE_SIZE),
                          s.decode_prompt_tokens + s.profile_steps + 64,  # + the polls around the profile's window

@@ -1,6 +1,7 @@
-"""Turn a pytest-benchmark JSON of bench/test_kernels.py into the Markdown table of bench/RESULTS.md.
+"""The kernel micro-benchmarks' report: a pytest-benchmark JSON of bench/test_kernels.py as the Markdown table of
+bench/RESULTS.md (the latency study's report is tandem.bench.latency_report).
 
-    python bench/report.py bench.json > table.md
+    python -m tandem.bench.kernels_report bench.json > table.md
 
 Medians in microseconds per call (a timed round makes `calls` calls, in a CUDA graph or eagerly: `timed`); achieved
 bandwidth = the case's minimum bytes / median; the last column compares it with the device copy bandwidth measured

@@ -1,4 +1,4 @@
-"""The outputs of `tandem bench` (tandem.runtime.benchmark): bench.json, summary.txt and latency.png.
+"""The outputs of `tandem bench` (tandem.bench.latency): bench.json, summary.txt and latency.png.
 
 The plot uses matplotlib when it is installed and otherwise draws with PIL, so the PNG always exists.
 """
@@ -113,6 +113,12 @@ def _decode_table(result: dict) -> list[str]:
               f"{'L':>5} | " + " | ".join(f"{COLUMNS[k]:>18}" for k in cols)]
     for i, L in enumerate(d["lengths"]):
         lines.append(f"{L:>5} | " + " | ".join(_f(c["total_ms"][i], 18) for c in cols.values()))
+    if "stop" in d:
+        st = d["stop"]
+        lines += ["", f"Steps past a stop, Tandem: id {st['stop_token_id']} (token {st['stop_position']} of a "
+                      f"{st['max_tokens']}-token greedy reply) as a stop id: {st['output_tokens']} tokens out (expected "
+                      f"{st['expected_tokens']}, {st['finish_reason']}), {st['decode_steps']} decode steps run = "
+                      f"{st['steps_past_stop']} past the stop"]
     return lines + _unavailable_notes(d["columns"])
 
 
