@@ -17,6 +17,7 @@ import json
 import math
 import numbers
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
@@ -31,7 +32,7 @@ from tandem.models.config import load_config
 from tandem.models.image import image_size, image_tokens, load_image, preprocess_images
 from tandem.models.loader import weight_bytes
 from tandem.models.positions import mrope_positions
-from tandem.models.tokenizer import expand_image_pads
+from tandem.models.tokenizer import IncrementalDetokenizer, expand_image_pads
 from tandem.runtime.answers import answers_agree, extract_answer
 from tandem.runtime.engine import CPU_KV_TOKENS, Engine, Timings, VisionFeatures, parse_device, parse_dtype
 from tandem.runtime.kv_cache import PagePool, Sequence, release_all
@@ -146,6 +147,7 @@ class _Request:
     start: float  # time.perf_counter() when the request came in
     image: torch.Tensor | None = None  # decoded uint8 [3, H, W] on the CPU, once every check has passed
     digest: str = ""
+    on_text: Callable[[str, str, str], None] | None = None  # (model, role, text piece) as each stage decodes
     inputs: dict = field(default_factory=dict)  # ImageProcessorConfig -> ImageInputs: preprocessed at most once
     prefixes: dict[str, _Prefix] = field(default_factory=dict)  # model -> its prefix in this request
     chat: dict[str, tuple[str, str]] = field(default_factory=dict)  # model -> chat template around the question
@@ -182,11 +184,12 @@ class Tandem:
                    for p in (large, small)]
         return cls(*engines, **kwargs)
 
-    def answer(self, image, question: str, policy: str = "verify", keep: str = "all",
-               delta: float = DEFAULT_DELTA) -> TandemResult:
+    def answer(self, image, question: str, policy: str = "verify", keep: str = "all", delta: float = DEFAULT_DELTA,
+               on_text: Callable[[str, str, str], None] | None = None) -> TandemResult:
         """Answer `question` about `image` (anything the engine takes as an image: a file path, data URL, bytes,
         PIL image, numpy HWC array or torch CHW tensor) with the given policy. Everything is checked, the image's
-        size against both caches included, before the image is decoded."""
+        size against both caches included, before the image is decoded. on_text(model, role, piece) receives each
+        stage's text as it is decoded (with verify's overlap, from two threads at once)."""
         if policy not in POLICIES:
             raise InputError(f"policy {policy!r} is not one of {', '.join(POLICIES)}")
         if keep not in KEEP_MODES:
@@ -196,7 +199,9 @@ class Tandem:
         if not isinstance(question, str) or not question.strip():
             raise InputError("the question is empty" if isinstance(question, str) else
                              f"the question must be a string, got {type(question).__name__}")
-        request = _Request(question.strip(), time.perf_counter())
+        if on_text is not None and not callable(on_text):
+            raise InputError(f"on_text must be callable, got {type(on_text).__name__}")
+        request = _Request(question.strip(), time.perf_counter(), on_text=on_text)
         size = image_size(image, 0)
         for model in POLICY_MODELS[policy]:
             engine = self.engines[model]
@@ -308,7 +313,7 @@ class Tandem:
             mass = torch.zeros(1, prompt_tokens + max_tokens, device=engine.device) if key_mass else None
             out = torch.empty(1, max_tokens, dtype=torch.long, device=engine.device)
             with closing(engine.decode_batch([seq], logits, params, [prefix.rope_delta], [timings], mass, out)) as steps:
-                tokens = [t for (chunk,) in steps for t in chunk]
+                tokens = self._stream_stage(request, model, role, steps, engine.stop_ids(params))
         finally:
             seq.release()
         text_ids, _ = engine.without_stop(tokens, params)
@@ -326,6 +331,22 @@ class Tandem:
             stage.prefill_s += prefix.prefill_s
         scores = mass[0, prompt_tokens : prompt_tokens + len(ids)] if mass is not None else None
         return stage, ids, scores
+
+    def _stream_stage(self, request: _Request, model: str, role: str, steps, stop_ids: frozenset[int]) -> list[int]:
+        """A stage's output ids, from decode_batch's steps; each piece of its text (stop token excluded) goes to the
+        request's on_text callback as it is decoded."""
+        tokens: list[int] = []
+        detok = IncrementalDetokenizer(self.engines[model].tokenizer) if request.on_text else None
+        for (chunk,) in steps:
+            tokens += chunk
+            if detok is not None:
+                for token in chunk:
+                    piece = "" if token in stop_ids else detok.add(token)
+                    if piece:
+                        request.on_text(model, role, piece)
+        if detok is not None and (tail := detok.flush()):
+            request.on_text(model, role, tail)
+        return tokens
 
     def _prefix(self, request: _Request, model: str) -> _Prefix:
         """The model's [chat header, image, question] in its KV cache, prefilled on first use in the request."""

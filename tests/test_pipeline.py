@@ -210,3 +210,18 @@ def test_overlapped_verify_gives_the_sequential_result(engines, image):
 def test_overlap_needs_two_engines(engines):
     with pytest.raises(InputError, match="overlap needs two engines"):
         Tandem(engines[0], engines[0], overlap=True)
+
+
+def test_each_stage_streams_its_text_as_it_decodes(pair, image):
+    """on_text receives every stage's text, piece by piece, in the order the stages ran (one after the other on
+    the CPU): joined per stage, the pieces are that stage's text, stop token excluded."""
+    pieces = []
+    result = pair.answer(image, QUESTION, policy="verify", on_text=lambda *piece: pieces.append(piece))
+    streamed = {}
+    for model, role, text in pieces:
+        streamed[model, role] = streamed.get((model, role), "") + text
+    assert list(streamed) == [(s.model, s.role) for s in result.stages]
+    assert all(streamed[s.model, s.role] == s.text for s in result.stages)
+    assert len(pieces) > len(result.stages)  # piece by piece, not a stage at a time
+    with pytest.raises(InputError, match="on_text must be callable, got str"):
+        pair.answer(image, QUESTION, on_text="print")
