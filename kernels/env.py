@@ -1,7 +1,6 @@
 """The one place the process environment is read: every setting Tandem takes from it, with its default.
 
     TANDEM_KERNEL_BACKEND  auto (default) | torch | triton   which implementation each op runs (kernels.backend)
-    TANDEM_SAMPLER         torch (default) | cuda            the sampler; cuda = the csrc/ op (runtime.sampling)
     TANDEM_CUDA_GRAPHS     1 (default) | 0                   replay decode steps as CUDA graphs (runtime.decode)
     TRITON_INTERPRET       1                                 Triton's CPU interpreter (Triton reads it; we check it)
     XDG_CACHE_HOME         ~/.cache (default)                where the tandem/ cache folder lives
@@ -20,10 +19,6 @@ _TRUE = ("1", "true", "yes", "on")
 
 def kernel_backend() -> str:
     return os.environ.get("TANDEM_KERNEL_BACKEND", "auto")
-
-
-def sampler() -> str:
-    return os.environ.get("TANDEM_SAMPLER", "torch")
 
 
 def cuda_graphs() -> bool:

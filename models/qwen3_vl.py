@@ -160,6 +160,14 @@ class Qwen3VL(nn.Module):
             return self.language_model.embed_tokens.weight
         return self.lm_head.weight
 
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata, image_embeds: torch.Tensor | None = None,
+                visual: VisualTokens | None = None) -> torch.Tensor:
+        """The one forward pass, of prefill chunks, decode steps and their graph captures alike: token ids [T]
+        (image pads replaced by `image_embeds`, in order) at M-RoPE positions [3, T] -> final hidden states
+        [T, hidden]; their K/V go into `kv_cache` at meta.slot_mapping."""
+        return self.language_model(self.embed(input_ids, image_embeds), positions, kv_cache, meta, visual)
+
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings [T, hidden] with the image-pad rows replaced by the vision encoder's output, in order."""
         x = self.language_model.embed_tokens(input_ids)

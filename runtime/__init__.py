@@ -1,10 +1,14 @@
-"""tandem.runtime: the Engine (one model: KV cache, prefill/decode, sampling, streaming), Tandem (two models
-cooperating on each question) and the `tandem` command."""
+"""tandem.runtime: the Engine (one model serving many requests: scheduler, runner, paged KV cache, sampling,
+streaming), Tandem (two models cooperating on each question), the `tandem` command."""
 
-from tandem.runtime.engine import Engine, GenerateOutput, Timings
+from tandem.runtime.config import EngineConfig
+from tandem.runtime.engine import Engine
 from tandem.runtime.kv_cache import CacheFullError
 from tandem.runtime.pipeline import POLICIES, Budget, Prompts, Stage, Tandem, TandemResult
+from tandem.runtime.request import (GenerateOutput, Prompt, QueueFullError, RequestAborted, RequestHandle,
+                                    Timings)
 from tandem.runtime.sampling import SamplingParams
 
-__all__ = ["POLICIES", "Budget", "CacheFullError", "Engine", "GenerateOutput", "Prompts", "SamplingParams", "Stage",
-           "Tandem", "TandemResult", "Timings"]
+__all__ = ["POLICIES", "Budget", "CacheFullError", "Engine", "EngineConfig", "GenerateOutput", "Prompt", "Prompts",
+           "QueueFullError", "RequestAborted", "RequestHandle", "SamplingParams", "Stage", "Tandem", "TandemResult",
+           "Timings"]

@@ -1,210 +1,207 @@
-"""Engine: one Qwen3-VL model on one device, with its paged KV cache, prefill and decode, sampling and streaming."""
+"""Engine: one Qwen3-VL model on one device, serving many requests at once.
+
+The caller's thread checks and prepares a request (tokens, decoded images, positions) and submits it; the engine's
+loop, in a thread of its own (on CUDA, on a stream of its own), does all the device work: each step the scheduler
+admits requests and hands out prompt chunks, the runner prefills them and runs one decode step over the running
+batch, and the tokens reach the host a step behind the device, where finished requests leave the batch and their
+handles learn the outcome. Calls from many threads, and asyncio tasks, share one batch.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import numbers
+import random
+import threading
 import time
-from collections.abc import Iterator
-from contextlib import closing
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from tandem.kernels import BACKENDS, AttentionMetadata, use_backend
+from tandem.kernels import use_backend
 from tandem.kernels.backend import implementation
 from tandem.models.config import load_config
 from tandem.models.errors import InputError
 from tandem.models.hub import resolve_checkpoint
-from tandem.models.image import ImageInputs, ImageProcessorConfig, image_size, image_tokens, preprocess_images
+from tandem.models.image import ImageProcessorConfig, image_size, image_tokens, load_image
 from tandem.models.loader import load_model
 from tandem.models.positions import mrope_positions
-from tandem.models.qwen3_vl import Qwen3VL, VisualTokens
-from tandem.models.tokenizer import (IncrementalDetokenizer, Tokenizer, build_prompt_ids, expand_image_pads,
-                                     extract_images, validate_messages)
-from tandem.runtime.decode import DecodeRunner
-from tandem.runtime.kv_cache import PagePool, Sequence, release_all
-from tandem.runtime.sampling import Sampler, SamplingParams, checkpoint_defaults
+from tandem.models.qwen3_vl import Qwen3VL
+from tandem.models.tokenizer import Tokenizer, build_prompt_ids, expand_image_pads, extract_images, validate_messages
+from tandem.runtime.config import EngineConfig, default_kv_tokens, parse_device, parse_dtype
+from tandem.runtime.interrupts import uninterrupted
+from tandem.runtime.kv_cache import CacheFullError, PagePool, Sequence
+from tandem.runtime.request import (GenerateOutput, Phase, Prefill, Prompt, QueueFullError, Request,
+                                    RequestAborted, RequestHandle)
+from tandem.runtime.runner import ModelRunner, Readout
+from tandem.runtime.sampling import SamplingParams, checkpoint_defaults
+from tandem.runtime.scheduler import Scheduler
+from tandem.runtime.vision_cache import VisionCache, encode, image_digest, tower_fingerprint
 
 Messages = list[dict] | str  # chat messages, or one user message's text
 TokenIds = list[int] | torch.Tensor | np.ndarray  # one 1-D sequence of integer ids
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-DEFAULT_PAGE_SIZE = 16
-CPU_KV_TOKENS = 65536  # CPU default: room for one long request; the tests' tiny models need ~1.5 KB per token
-
-
-@dataclass
-class Timings:
-    """Wall-clock seconds per phase (the device is synchronised at each boundary) and token counts."""
-
-    vision_s: float = 0.0  # image preprocessing + vision encoder
-    prefill_s: float = 0.0  # the prompt's forward pass, up to the first sampled token
-    decode_s: float = 0.0  # every later token
-    prompt_tokens: int = 0
-    image_tokens: int = 0
-    output_tokens: int = 0
-    decode_steps: int = 0  # decode forward passes run (a batch's rows share them); steps past a stop included
-
-    @property
-    def decode_ms_per_token(self) -> float:
-        steps = self.output_tokens - 1  # the first token comes out of prefill
-        return 1000 * self.decode_s / steps if steps > 0 else 0.0
-
-
-@dataclass
-class GenerateOutput:
-    text: str
-    token_ids: list[int]  # the generated ids, including the stop token when one ended generation
-    finish_reason: str  # "stop" (a stop token) or "length" (max_tokens reached)
-    timings: Timings
-
-
-@dataclass
-class VisionFeatures:
-    """The vision tower's output for some images: the rows that replace their pad tokens, in order, and the
-    DeepStack features added after the first decoder layers. The unit the pipeline's vision cache stores."""
-
-    embeds: torch.Tensor  # [image tokens, hidden]
-    deepstack: list[torch.Tensor]  # each [image tokens, hidden]
-    grids: list[tuple[int, int, int]]  # (t, h, w) in patches, per image
-    merge_size: int
-
-    @property
-    def tokens_per_image(self) -> list[int]:
-        return [t * h * w // self.merge_size**2 for t, h, w in self.grids]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.embeds, *self.deepstack))
-
-
-@dataclass
-class EngineStats:
-    """Work done since the engine was built: what tests and the pipeline's reports count."""
-
-    prefill_tokens: int = 0
-    image_prefills: int = 0  # forward passes that placed image features (an image prefilled once counts once)
-    decode_steps: int = 0
-
-
-@dataclass
-class Prompt:
-    """A request ready for the model: expanded token ids, preprocessed images and their M-RoPE positions."""
-
-    token_ids: list[int]
-    images: ImageInputs | None
-    positions: torch.Tensor  # [3, len(token_ids)]
-    rope_delta: int  # generated token i (counting the prompt) sits at position i + rope_delta
-    preprocess_s: float = 0.0  # image decoding and preprocessing, counted in Timings.vision_s
 
 
 class Engine:
     def __init__(self, model: Qwen3VL, tokenizer: Tokenizer, image_config: ImageProcessorConfig, pool: PagePool,
-                 sampling_defaults: SamplingParams, eos_ids: tuple[int, ...], kernel_backend: str | None = None,
-                 cuda_graphs: bool | None = None):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.image_config = image_config
-        self.pool = pool
-        self.sampling_defaults = sampling_defaults
+                 sampling_defaults: SamplingParams, eos_ids: tuple[int, ...], config: EngineConfig = EngineConfig(),
+                 vision_cache: VisionCache | None = None):
+        """vision_cache: shared with another engine (a pair's); by default the engine's own."""
+        self.model, self.tokenizer, self.image_config, self.pool = model, tokenizer, image_config, pool
+        self.sampling_defaults, self.config = sampling_defaults, config
         self.eos_ids = eos_ids or tokenizer.eos_ids
-        self.kernel_backend = kernel_backend  # None: TANDEM_KERNEL_BACKEND, else auto (see tandem.kernels.backend)
         self.device = model.lm_head_weight.device
         self.dtype = model.lm_head_weight.dtype
+        self.vision_cache = vision_cache if vision_cache is not None else VisionCache()
+        self.tower = tower_fingerprint(model.visual)
+        self.runner = ModelRunner(model, pool, config.kernel_backend, config.cuda_graphs)
+        self.scheduler = Scheduler(pool, config)
+        # The host reads each step's tokens this many steps behind the device: on CUDA one, so the next step is
+        # queued before the host waits and at most one step runs past a stop; on the CPU, where nothing runs
+        # ahead, none.
         self.stats = EngineStats()
-        self.decoder = DecodeRunner(model, pool, kernel_backend, cuda_graphs)
-        # How many steps behind the device the host reads the sampled tokens. On CUDA 1: the next step is queued
-        # before the host waits for this one's tokens, so the GPU never waits for the host, and at most one step
-        # runs past a stop. On the CPU, where nothing runs ahead, 0.
-        self.read_lag = 1 if self.device.type == "cuda" else 0
-        self._generator = torch.Generator(self.device)
-        self._generator.seed()
+        self._inbox: deque = deque()  # ("add", Request) / ("abort", request id), from any thread
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._readout = Readout(self.device, lag=1 if self.device.type == "cuda" else 0)
+        self._requests: dict[int, Request] = {}  # every request in the loop's hands, by id
+        self._seeds = random.Random()
 
     @classmethod
-    def from_pretrained(
-        cls, checkpoint_dir: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-        kv_cache_tokens: int | None = None, page_size: int = DEFAULT_PAGE_SIZE, kernel_backend: str | None = None,
-        cuda_graphs: bool | None = None,
-    ) -> "Engine":
-        """Load a Qwen3-VL checkpoint: a folder, or a Hugging Face model id (see tandem.models.hub). device/dtype default to cuda + bfloat16 when available, else cpu + float32.
-        kv_cache_tokens sizes the KV page pool; by default from free device memory (CUDA) or CPU_KV_TOKENS.
-        kernel_backend ("torch", "triton" or "auto") overrides TANDEM_KERNEL_BACKEND for this engine; cuda_graphs
-        replays each decode step as a CUDA graph where the kernels allow it (CUDA + Triton); None:
-        TANDEM_CUDA_GRAPHS, on by default."""
+    def from_pretrained(cls, checkpoint: str | Path, device: str | torch.device | None = None,
+                        dtype: str | torch.dtype | None = None, *, vision_cache: VisionCache | None = None,
+                        kv_weights_reserved: int = 0, **settings) -> "Engine":
+        """Load a Qwen3-VL checkpoint: a folder, or a Hugging Face model id (see tandem.models.hub). device/dtype
+        default to cuda + bfloat16 when available, else cpu + float32. `settings` are EngineConfig's fields
+        (kv_cache_tokens, page_size, kernel_backend, cuda_graphs, max_running, max_waiting, prefill_chunk_tokens).
+        Everything that can be checked is checked before any weight is read."""
+        config = EngineConfig(**settings)
         device = parse_device(device)
         dtype = parse_dtype(dtype, device)
-        for name, value in (("kv_cache_tokens", kv_cache_tokens), ("page_size", page_size)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
-                raise InputError(f"{name} must be a positive integer, got {value!r}")
-        if kernel_backend is not None and kernel_backend not in BACKENDS:
-            raise InputError(f"kernel_backend {kernel_backend!r} is not one of {', '.join(BACKENDS)}")
         try:  # the backend must be able to run on this device (and TANDEM_KERNEL_BACKEND must be valid)
-            with use_backend(kernel_backend):
+            with use_backend(config.kernel_backend):
                 implementation(device)
         except ValueError as e:
             raise InputError(f"kernel backend on {device}: {e}") from e
-        checkpoint_dir = resolve_checkpoint(checkpoint_dir)
-        config = load_config(checkpoint_dir)  # cheap checks first: fail before loading any weight
-        tokenizer = Tokenizer.from_pretrained(checkpoint_dir)
-        tokenizer.check_model(config, checkpoint_dir)
-        image_config = ImageProcessorConfig.from_checkpoint(checkpoint_dir)
-        defaults, eos_ids = checkpoint_defaults(checkpoint_dir)
-        model = load_model(checkpoint_dir, device, dtype, config)
+        checkpoint = resolve_checkpoint(checkpoint)
+        model_config = load_config(checkpoint)
+        tokenizer = Tokenizer.from_pretrained(checkpoint)
+        tokenizer.check_model(model_config, checkpoint)
+        image_config = ImageProcessorConfig.from_checkpoint(checkpoint)
+        defaults, eos_ids = checkpoint_defaults(checkpoint)
+        model = load_model(checkpoint, device, dtype, model_config)
         text = model.config.text
-        if kv_cache_tokens is None:
-            kv_cache_tokens = _default_kv_tokens(device, PagePool.bytes_per_token(text, dtype), text.max_position_embeddings)
-        pool = PagePool(text, -(-kv_cache_tokens // page_size), page_size, device, dtype)
-        return cls(model, tokenizer, image_config, pool, defaults, eos_ids, kernel_backend, cuda_graphs)
+        tokens = config.kv_cache_tokens or default_kv_tokens(
+            device, PagePool.bytes_per_token(text, dtype), text.max_position_embeddings, kv_weights_reserved)
+        pool = PagePool(text, -(-tokens // config.page_size), config.page_size, device, dtype)
+        return cls(model, tokenizer, image_config, pool, defaults, eos_ids, config, vision_cache)
 
-    # ---- public API --------------------------------------------------------------------------------------------
+    @property
+    def read_lag(self) -> int:
+        """How many steps behind the device the host reads the tokens: on CUDA one, so the next step is queued
+        before the host waits and at most one step runs past a stop; on the CPU, where nothing runs ahead, none."""
+        return self._readout.lag
+
+    @read_lag.setter
+    def read_lag(self, lag: int) -> None:
+        self._readout.lag = lag
+
+    def now(self) -> float:
+        """A clock reading once this engine's stream, and the caller's, have finished their queued work."""
+        if self._stream is not None:
+            self._stream.synchronize()
+        return device_clock(self.device)
+
+    # ---- the public API ---------------------------------------------------------------------------------------
+    def submit(self, messages: Messages | None = None, sampling: SamplingParams | None = None, *,
+               prompt_token_ids: TokenIds | None = None, images: list | None = None) -> RequestHandle:
+        """Check and prepare a request, queue it, and return its handle at once; the loop does the work. Bad input
+        raises here, before any work."""
+        params = self.resolve(sampling)
+        return self._submit(self.prepare(messages, prompt_token_ids, images, max_tokens=params.max_tokens), params)
+
     def generate(self, messages: Messages | None = None, sampling: SamplingParams | None = None, *,
                  prompt_token_ids: TokenIds | None = None, images: list | None = None) -> GenerateOutput:
         """Generate a reply to chat `messages` (a plain string is one user message), or to ready
-        `prompt_token_ids` with `images`. Every input is checked before any work."""
-        params = self.resolve(sampling)
-        return self._generate([self.prepare(messages, prompt_token_ids, images, max_tokens=params.max_tokens)],
-                              params)[0]
-
-    def generate_batch(self, requests: list[Messages | Prompt], sampling: SamplingParams | None = None
-                       ) -> list[GenerateOutput]:
-        """Generate a reply to each request (chat messages, or a Prompt from `prepare`), decoding them together:
-        each step feeds one token to every unfinished reply. Every request is checked before any work; the
-        sampling params are shared. A reply's tokens are those it would get alone under greedy decoding."""
-        params = self.resolve(sampling)
-        if not isinstance(requests, (list, tuple)):
-            raise InputError(f"generate_batch takes a list of requests, got {type(requests).__name__}")
-        prompts = [r if isinstance(r, Prompt) else self.prepare(r, max_tokens=params.max_tokens) for r in requests]
-        return self._generate(prompts, params) if prompts else []
+        `prompt_token_ids` with `images`."""
+        return self.submit(messages, sampling, prompt_token_ids=prompt_token_ids, images=images).result()
 
     def stream(self, messages: Messages | None = None, sampling: SamplingParams | None = None, *,
                prompt_token_ids: TokenIds | None = None, images: list | None = None) -> Iterator[str]:
-        """Yield the reply's text piece by piece as tokens are decoded (never half a UTF-8 character). Bad input
-        is refused at the call, before the first piece is asked for."""
-        params = self.resolve(sampling)
-        prompt = self.prepare(messages, prompt_token_ids, images, max_tokens=params.max_tokens)
-        return self._stream(prompt, params)
+        """The reply's text piece by piece as it is decoded (never half a UTF-8 character). Bad input is refused
+        at the call; closing the iterator aborts the request."""
+        return self.submit(messages, sampling, prompt_token_ids=prompt_token_ids, images=images).stream()
 
-    def _stream(self, prompt: Prompt, params: SamplingParams) -> Iterator[str]:
-        stop_ids = self.stop_ids(params)
-        detok = IncrementalDetokenizer(self.tokenizer, prompt.token_ids)
-        with closing(self._token_chunks([prompt], params, [Timings()])) as chunks:
-            for (chunk,) in chunks:
-                for token in chunk:
-                    if token in stop_ids:
-                        break
-                    piece = detok.add(token)
-                    if piece:
-                        yield piece
-        tail = detok.flush()  # text held back waiting for the rest of a character that never came
-        if tail:
-            yield tail
+    def generate_batch(self, requests: list[Messages | Prompt],
+                       sampling: SamplingParams | list[SamplingParams] | None = None) -> list[GenerateOutput]:
+        """A reply to each request (chat messages, or a Prompt from `prepare`), with one SamplingParams for all or
+        one per request. All are checked, then submitted together, so they share decode steps."""
+        if not isinstance(requests, (list, tuple)):
+            raise InputError(f"generate_batch takes a list of requests, got {type(requests).__name__}")
+        if isinstance(sampling, (list, tuple)):
+            if len(sampling) != len(requests):
+                raise InputError(f"generate_batch got {len(requests)} requests but {len(sampling)} SamplingParams")
+            params = [self.resolve(s) for s in sampling]
+        else:
+            params = [self.resolve(sampling)] * len(requests)
+        prompts = [r if isinstance(r, Prompt) else self.prepare(r, max_tokens=p.max_tokens)
+                   for r, p in zip(requests, params)]
+        handles = [self._submit(prompt, p) for prompt, p in zip(prompts, params)]
+        return [h.result() for h in handles]
 
+    async def generate_async(self, messages: Messages | None = None, sampling: SamplingParams | None = None, *,
+                             prompt_token_ids: TokenIds | None = None, images: list | None = None) -> GenerateOutput:
+        """generate() for asyncio: many calls in flight share the engine's batch; cancelling the task aborts."""
+        handle = self.submit(messages, sampling, prompt_token_ids=prompt_token_ids, images=images)
+        return await handle.result_async()
+
+    def stream_async(self, messages: Messages | None = None, sampling: SamplingParams | None = None, *,
+                     prompt_token_ids: TokenIds | None = None, images: list | None = None) -> AsyncIterator[str]:
+        """stream() for asyncio: `async for piece in engine.stream_async(...)`."""
+        return self.submit(messages, sampling, prompt_token_ids=prompt_token_ids, images=images).stream_async()
+
+    def abort(self, request_id: int) -> None:
+        """Stop a request: it leaves the batch at the next step and its pages are freed. Safe from any thread."""
+        self._post(("abort", request_id))
+
+    def prompt_logits(self, prompt: Prompt) -> torch.Tensor:
+        """Logits [len(prompt), vocab] (float32) at every prompt position."""
+        return self._submit(prompt, None, prompt_logits=True).result().logits
+
+    # ---- building blocks of the pair pipeline -----------------------------------------------------------------
+    def submit_prefix(self, prompt: Prompt, stage_tokens: int = 0) -> RequestHandle:
+        """Prefill `prompt` into a sequence of its own and hand it over (the handle's result, a Prefill): later
+        requests fork it (`submit_stage`); give it back with `release`. It is admitted only while room for
+        `stage_tokens` more (its largest stage: suffix and max_tokens) stays free, so that prefixes can never fill
+        the cache and leave their stages waiting for ever."""
+        headroom = -(-stage_tokens // self.pool.page_size) + 1 if stage_tokens else 0  # + a copied last page
+        return self._submit(prompt, None, keep_sequence=True, headroom=headroom)
+
+    def submit_stage(self, parent: Sequence, prompt: Prompt, params: SamplingParams, key_mass: bool = False,
+                     ready: torch.cuda.Event | None = None) -> RequestHandle:
+        """Continue `parent` (a prefix) with `prompt` (its token ids may be a device tensor, whose `ready` event
+        the loop waits for) and decode. With key_mass, the result's key_mass holds the attention each output token
+        received from the later steps (summed over heads and layers)."""
+        return self._submit(prompt, params, parent=parent, key_mass=key_mass, ready=ready)
+
+    def release(self, seq: Sequence) -> None:
+        """Give a prefix's pages back, now. Its forks keep the pages they share until they end, and device work
+        already queued with them runs before any later request can write to them (one stream per engine)."""
+        seq.release()
+
+    # ---- preparing a request (the caller's thread) ---------------------------------------------------------------
     def prepare(self, messages: Messages | None, prompt_token_ids: TokenIds | None = None,
                 images: list | None = None, *, max_tokens: int = 0) -> Prompt:
-        """Tokenize and preprocess a request. Exactly one of messages / prompt_token_ids; images go with the ids.
-        Everything is checked before any image is decoded: the messages' structure, the ids, each image's size
-        (read from its header) and whether the prompt, with `max_tokens` more, fits the context and the cache."""
+        """Tokenize a request and decode its images. Exactly one of messages / prompt_token_ids; images go with
+        the ids. Everything is checked before any image is decoded: the messages' structure, the ids, each image's
+        size (read from its header) and whether the prompt, with `max_tokens` more, can ever fit the context and
+        the cache."""
         if (messages is None) == (prompt_token_ids is None):
             raise InputError("pass either messages or prompt_token_ids, not both and not neither")
         if messages is not None:
@@ -222,182 +219,25 @@ class Engine:
             ids = build_prompt_ids(self.tokenizer, messages, per_image)
         else:
             ids = expand_image_pads(self._check_ids(prompt_token_ids), per_image, self.tokenizer.image_pad_id)
-        self.check_fits(len(ids) + max_tokens, len(ids) + max_tokens)
-        start = self.now()
-        inputs = preprocess_images(images, self.image_config, self.device, self.dtype) if images else None
-        preprocess_s = self.now() - start
-        assert per_image == (inputs.tokens_per_image if inputs else []), "image token count changed on decoding"
-        grids = [tuple(g) for g in inputs.grid_thw.tolist()] if inputs else []
-        positions, rope_delta = mrope_positions(ids, grids, self.model.config.image_token_id, self.image_config.merge_size)
-        return Prompt(ids, inputs, positions.to(self.device), rope_delta, preprocess_s)
+        self.check_fits(len(ids) + max_tokens)
+        decoded = [load_image(image, i) for i, image in enumerate(images)]
+        prompt = self.prompt_of(ids, decoded, [image_digest(i) for i in decoded])
+        decoded_tokens = [t * h * w // self.image_config.merge_size**2 for t, h, w in prompt.grids]
+        if decoded_tokens != per_image:
+            raise InputError(f"the images decoded to {decoded_tokens} tokens, but their headers said {per_image}")
+        return prompt
 
-    def prompt_logits(self, prompt: Prompt) -> torch.Tensor:
-        """Logits [len(prompt), vocab] (float32) at every prompt position, from one prefill pass."""
-        self.check_fits(len(prompt.token_ids), len(prompt.token_ids))
-        seq = Sequence(self.pool)
-        try:
-            return self._prefill_prompt(seq, prompt, Timings(), logits="all")
-        finally:
-            seq.release()
-
-    # ---- building blocks (also used by tandem.runtime.pipeline) ------------------------------------------------
-    def encode_images(self, images: ImageInputs) -> VisionFeatures:
-        """The vision tower's output for preprocessed images: what replaces their pad tokens, and DeepStack's."""
-        grids = [tuple(g) for g in images.grid_thw.tolist()]
-        with torch.inference_mode(), use_backend(self.kernel_backend):
-            embeds, deepstack = self.model.visual(images.pixel_values, grids)
-        return VisionFeatures(embeds, deepstack, grids, images.merge_size)
-
-    def prefill(self, seq: Sequence, ids: torch.Tensor, positions: torch.Tensor,
-                vision: VisionFeatures | None = None, logits: str | None = "last") -> torch.Tensor | None:
-        """Append ids [n] (on the device) to `seq` in one forward pass: a whole prompt, or a suffix on top of a
-        prefix that `seq` forked. `vision` fills the image pads among ids, in order. logits: "last" -> [1, vocab],
-        "all" -> [n, vocab], None -> nothing (a prefix that only later suffixes read)."""
-        visual = None
-        image_embeds = None
-        if vision is not None:
-            image_embeds = vision.embeds
-            visual = VisualTokens(ids == self.model.config.image_token_id, vision.deepstack)
-            self.stats.image_prefills += 1
-        self.stats.prefill_tokens += len(ids)
-        with torch.inference_mode():
-            hidden = self._forward(seq, ids, positions, image_embeds, visual)
-            if logits is None:
-                return None
-            return self.model.logits(hidden[-1:] if logits == "last" else hidden)
-
-    def decode_batch(self, seqs: list[Sequence], logits: torch.Tensor, params: SamplingParams,
-                     rope_deltas: list[int], timings: list[Timings], key_mass: torch.Tensor | None = None,
-                     out: torch.Tensor | None = None) -> Iterator[list[list[int]]]:
-        """Sample from the prefills' last logits [B, vocab], then feed each sequence its token back, until every
-        sequence has met a stop id or params.max_tokens. Yields, once per token, each sequence's new token ids on
-        the host (none once it has stopped; its stop token is the last it yields). The host reads them `read_lag`
-        steps behind the device, never stalling it; steps run past a stop are counted in Timings.decode_steps.
-        key_mass [B, >= final length] float32: every step adds the attention each cached key receives (summed over
-        heads and layers), for rows not yet stopped. out [B, >= max_tokens] long: receives the sampled ids on the
-        device (past a row's stop too), for callers that hand them on without a round trip through the host."""
-        batch, steps = len(seqs), params.max_tokens
-        stop_ids = self.stop_ids(params)
-        stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=self.device)
-        generator = self._generator if params.seed is None else torch.Generator(self.device).manual_seed(params.seed)
-        sampler = Sampler(params, generator, self.device)
-        host = _HostTokens(steps, batch, self.device)
-        stopped = torch.zeros(batch, dtype=torch.bool, device=self.device)
-        finished = [False] * batch  # a stop token was yielded
-        emitted = [0] * batch
-        start = self.now()
-        queued = 0  # tokens sampled on the device, per row
-
-        def sampled(logits: torch.Tensor, index: int) -> torch.Tensor:
-            tokens = sampler(logits)
-            stopped.logical_or_(_is_stop(tokens, stops))
-            if out is not None:
-                out[:, index] = tokens
-            host.push(index, tokens)
-            return tokens
-
-        try:
-            self.decoder.begin(seqs, rope_deltas, steps - 1, key_mass)
-            with torch.inference_mode():
-                tokens = sampled(logits, 0)
-            queued, read = 1, 0  # read: tokens the host has read, per row
-            while True:
-                # Inference mode around the device work only: the caller's code between yields runs as it would.
-                with torch.inference_mode():
-                    while queued < min(read + 1 + self.read_lag, steps):
-                        live = ~stopped if key_mass is not None else None
-                        tokens = sampled(self.decoder.step(tokens, live), queued)
-                        queued += 1
-                        self.stats.decode_steps += 1
-                row_tokens = host.read(read)
-                read += 1
-                elapsed = time.perf_counter() - start  # the token is on the host now: no device sync needed
-                chunks = []
-                for b, token in enumerate(row_tokens):
-                    if finished[b]:
-                        chunks.append([])
-                        continue
-                    chunks.append([token])
-                    emitted[b] += 1
-                    finished[b] = token in stop_ids
-                    timings[b].output_tokens, timings[b].decode_s = emitted[b], elapsed
-                yield chunks
-                if all(finished) or read == steps:
-                    return
-        finally:
-            for t in timings:
-                t.decode_steps = max(queued - 1, 0)  # the first token came from the prefill
-            self.decoder.end(seqs)
-
-    # ---- internals ---------------------------------------------------------------------------------------------
-    def _generate(self, prompts: list[Prompt], params: SamplingParams) -> list[GenerateOutput]:
-        timings = [Timings() for _ in prompts]
-        ids: list[list[int]] = [[] for _ in prompts]
-        # closing(): an exception here (Ctrl-C) must end the generation now, not when its traceback is freed.
-        with closing(self._token_chunks(prompts, params, timings)) as steps:
-            for chunks in steps:
-                for row, chunk in zip(ids, chunks):
-                    row += chunk
-        outputs = []
-        for row, t in zip(ids, timings):
-            text_ids, finished = self.without_stop(row, params)
-            outputs.append(GenerateOutput(self.tokenizer.decode(text_ids), row, "stop" if finished else "length", t))
-        return outputs
-
-    def _token_chunks(self, prompts: list[Prompt], params: SamplingParams,
-                      timings: list[Timings]) -> Iterator[list[list[int]]]:
-        """Encode each prompt's images and prefill it, then decode the batch until every reply has met a stop id
-        or max_tokens (params: resolved); yields each reply's new token ids (see `decode_batch`). Pages are
-        released when the generator ends, however it ends."""
-        totals = [len(p.token_ids) + params.max_tokens for p in prompts]
-        size = self.pool.page_size
-        self.check_fits(max(totals), sum(-(-total // size) * size for total in totals))
-        seqs = [Sequence(self.pool) for _ in prompts]
-        try:
-            logits = [self._prefill_prompt(seq, prompt, t) for seq, prompt, t in zip(seqs, prompts, timings)]
-            deltas = [p.rope_delta for p in prompts]
-            yield from self.decode_batch(seqs, torch.cat(logits), params, deltas, timings)
-        finally:
-            release_all(seqs)
-
-    def _prefill_prompt(self, seq: Sequence, prompt: Prompt, timings: Timings, logits: str = "last") -> torch.Tensor:
-        """Encode the prompt's images and prefill it into `seq` -> logits (see `prefill`: "last" [1, vocab] or
-        "all" [n, vocab])."""
-        timings.prompt_tokens = len(prompt.token_ids)
-        start = self.now()
-        vision = self.encode_images(prompt.images) if prompt.images else None
-        prefill_start = self.now()
-        timings.vision_s = prompt.preprocess_s + prefill_start - start
-        timings.image_tokens = sum(vision.tokens_per_image) if vision else 0
-        out = self.prefill(seq, torch.tensor(prompt.token_ids, device=self.device), prompt.positions, vision, logits)
-        timings.prefill_s = self.now() - prefill_start
-        return out
-
-    def _forward(self, seq: Sequence, ids: torch.Tensor, positions: torch.Tensor,
-                 image_embeds: torch.Tensor | None = None, visual: VisualTokens | None = None) -> torch.Tensor:
-        """Run new tokens of one sequence through the decoder, appending their K/V to its pages."""
-        slots = seq.append_slots(len(ids)).to(self.device)
-        meta = AttentionMetadata(
-            slot_mapping=slots,
-            block_tables=seq.block_table(self.device),
-            seq_lens=torch.tensor([seq.length], dtype=torch.int32, device=self.device),
-            cu_query_lens=torch.tensor([0, len(ids)], dtype=torch.int32, device=self.device),
-            max_query_len=len(ids),
-        )
-        with use_backend(self.kernel_backend):
-            x = self.model.embed(ids, image_embeds)
-            return self.model.language_model(x, positions, self.pool.kv, meta, visual)
-
-    def without_stop(self, ids: list[int], sampling: SamplingParams | None) -> tuple[list[int], bool]:
-        """(generated ids without the stop token that ended them, whether one did)."""
-        finished = int(ids[-1]) in self.stop_ids(sampling)
-        return (ids[:-1] if finished else ids), finished
-
-    def stop_ids(self, sampling: SamplingParams | None) -> frozenset[int]:
-        """The ids that end generation under these params: the checkpoint's eos ids (unless ignore_eos) and
-        the params' stop_token_ids."""
-        params = sampling or SamplingParams()
-        return frozenset(() if params.ignore_eos else self.eos_ids) | frozenset(params.stop_token_ids)
+    def prompt_of(self, ids: list[int], images: list[torch.Tensor], digests: list[str]) -> Prompt:
+        """A Prompt of expanded ids and decoded uint8 [3, H, W] images (with their content digests), with their
+        M-RoPE positions."""
+        merge = self.image_config.merge_size
+        grids = []
+        for image in images:
+            height, width = _resized(image, self.image_config)
+            grids.append((1, height // self.image_config.patch_size, width // self.image_config.patch_size))
+        tokens = sum(t * h * w // merge**2 for t, h, w in grids)
+        positions, rope_delta = mrope_positions(ids, grids, self.model.config.image_token_id, merge)
+        return Prompt(ids, images, digests, grids, positions, rope_delta, tokens)
 
     def resolve(self, sampling: SamplingParams | None) -> SamplingParams:
         """The params a generation runs with: the checkpoint's defaults filled in, every field checked (stop ids
@@ -413,6 +253,34 @@ class Engine:
             if not 0 <= token < vocab:
                 raise InputError(f"SamplingParams.stop_token_ids[{i}] = {token} is not a token id in [0, {vocab})")
         return params
+
+    def stop_ids(self, params: SamplingParams) -> frozenset[int]:
+        """The ids that end generation under these params: the checkpoint's eos ids (unless ignore_eos) and
+        the params' stop_token_ids."""
+        return frozenset(() if params.ignore_eos else self.eos_ids) | frozenset(params.stop_token_ids)
+
+    def without_stop(self, ids: list[int], params: SamplingParams) -> tuple[list[int], bool]:
+        """(generated ids without the stop token that ended them, whether one did)."""
+        finished = bool(ids) and ids[-1] in self.stop_ids(params)
+        return (ids[:-1] if finished else ids), finished
+
+    def check_fits(self, total: int, parent: Sequence | None = None, headroom: int = 0) -> None:
+        """Refuse a sequence that could never fit: `total` tokens (its prompt, after `parent`'s tokens, and
+        max_tokens) beyond the model's context, or more cache pages than the cache can ever give it: its capacity,
+        less the parent's pages (held while it runs) and `headroom` pages that must stay free for the request's
+        later stages. One that fits only later waits in the queue."""
+        limit = self.model.config.text.max_position_embeddings
+        if total > limit:
+            raise InputError(f"prompt + max_tokens = {total} tokens exceeds the model's context of {limit} tokens")
+        size = self.pool.page_size
+        held = len(parent.pages) if parent is not None else 0
+        pages = -(-total // size) - (parent.length // size if parent is not None else 0) + headroom
+        if pages > self.pool.num_pages - held:
+            what = "prompt + max_tokens" if not headroom else "the prompt and the stages after it"
+            raise CacheFullError(
+                f"{what} need {pages * size} tokens of KV cache ({pages} pages of {size}), more than the "
+                f"{(self.pool.num_pages - held) * size} the cache's capacity of {self.pool.capacity_tokens} leaves "
+                f"(raise kv_cache_tokens (--kv-cache-tokens) or lower max_tokens)")
 
     def _check_ids(self, ids: TokenIds) -> list[int]:
         """prompt_token_ids as a list of ints: a list or tuple of ints, or a 1-D integer tensor or numpy array."""
@@ -435,94 +303,230 @@ class Engine:
                 raise InputError(f"prompt_token_ids[{i}] = {t!r} is not a token id in [0, {vocab})")
         return [int(t) for t in ids]
 
-    def check_fits(self, total: int, new: int) -> None:
-        """Refuse, before any work, a sequence that would reach `total` tokens (prompt + max_tokens) with `new` of
-        them needing fresh cache pages (a batch: the sum over its sequences, each rounded up to whole pages):
-        beyond the model's context or the cache's free pages."""
-        limit = self.model.config.text.max_position_embeddings
-        if total > limit:
-            raise InputError(f"prompt + max_tokens = {total} tokens exceeds the model's context of {limit} tokens")
-        size = self.pool.page_size
-        pages = -(-new // size)
-        if pages > self.pool.free_pages:
-            raise InputError(f"prompt + max_tokens needs {pages * size} tokens of KV cache ({pages} pages of {size}), "
-                             f"more than the {self.pool.free_pages * size} free (capacity {self.pool.capacity_tokens}; "
-                             f"raise kv_cache_tokens (--kv-cache-tokens) or lower max_tokens)")
+    def _submit(self, prompt: Prompt, params: SamplingParams | None, **kind) -> RequestHandle:
+        if len(self.scheduler.waiting) + len(self._inbox) >= self.config.max_waiting:
+            raise QueueFullError(f"the engine's queue is full ({self.config.max_waiting} requests waiting, "
+                                 "max_waiting); try again later")
+        stop_ids = self.stop_ids(params) if params is not None else frozenset()
+        seed = params.seed if params is not None and params.seed is not None else self._seeds.getrandbits(64)
+        request = Request(prompt, params, stop_ids, seed, **kind)
+        # Never queue what cannot fit: it would wait for ever.
+        self.check_fits(request.total_tokens + (request.max_tokens > 0), request.parent, request.headroom)
+        request.handle = RequestHandle(request, self.tokenizer, self.abort)
+        request.timings.prompt_tokens, request.timings.image_tokens = len(prompt), prompt.image_tokens
+        self._post(("add", request))
+        return request.handle
 
-    def now(self) -> float:
-        """A clock reading after the device has finished this stream's work (see device_clock)."""
-        return device_clock(self.device)
+    def _post(self, message: tuple) -> None:
+        with self._wake:
+            self._inbox.append(message)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name=f"tandem-engine-{id(self):x}", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+
+    # ---- the loop (the engine's thread) -----------------------------------------------------------------------
+    def _loop(self) -> None:
+        stream = torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
+        with stream, torch.inference_mode(), use_backend(self.config.kernel_backend):
+            while True:
+                try:
+                    self._step()
+                except BaseException as e:  # noqa: BLE001 - fails what is in flight; the engine stays usable
+                    self._fail_all(e)
+
+    def _step(self) -> None:
+        self._take_inbox(block=False)
+        plan = self.scheduler.schedule()
+        if not plan and not len(self._readout):
+            self._take_inbox(block=True)  # nothing to do until a request, an abort or a release arrives
+            return
+        now = time.perf_counter()
+        for request in plan.admitted:
+            request.timings.queue_s = now - request.submitted
+            if request.key_mass:
+                request.mass = torch.zeros(request.seq.length + len(request.prompt) + request.max_tokens,
+                                           device=self.device)
+        finished = []
+        for request, start, end in plan.prefill:
+            try:
+                logits = self._prefill(request, start, end)
+            except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+                self._finish(request, e)
+                continue
+            if logits is not None and request.params is not None:
+                finished.append((request, logits))
+        if finished:
+            requests = [r for r, _ in finished]
+            tokens = self.runner.sample_first(requests, torch.cat([logits for _, logits in finished]))
+            for i, request in enumerate(requests):
+                request.next_token = tokens[i : i + 1]
+                self.scheduler.prefilled(request)
+            self._readout.push(requests, tokens)
+        batch = [r for r in plan.decode if r.phase is Phase.DECODE and 1 + r.fed < r.max_tokens]
+        if batch:
+            try:
+                tokens = self.runner.decode(batch)
+            except Exception as e:  # noqa: BLE001 - the whole batch fails; the runner starts afresh
+                self.runner._set_batch([])
+                for request in batch:
+                    self._finish(request, e)
+            else:
+                self.stats.decode_steps += 1
+                for request in batch:
+                    request.fed += 1
+                    request.seq.length += 1
+                self._readout.push(batch, tokens)
+        more = any(1 + r.fed < r.max_tokens for r in self.scheduler.decoding) or bool(self.scheduler.prefilling)
+        for requests, tokens in self._readout.ready(drain=not more):
+            self._read(requests, tokens)
+
+    def _take_inbox(self, block: bool) -> None:
+        with self._wake:
+            while block and not self._inbox:
+                self._wake.wait()
+            messages = list(self._inbox)
+            self._inbox.clear()
+        for kind, value in messages:
+            if kind == "add":
+                self._requests[value.id] = value
+                self.scheduler.add(value)
+            else:
+                request = self._requests.get(value)
+                if request is not None:
+                    self._finish(request, RequestAborted(f"request {value} was aborted"))
+
+    def _prefill(self, request: Request, start: int, end: int) -> torch.Tensor | None:
+        if start == 0:
+            if request.ready is not None:
+                torch.cuda.current_stream(self.device).wait_event(request.ready)
+            if request.prompt.images:
+                span = _Span(self.device)
+                request.vision, cached = encode(self.model, request.prompt.images, request.prompt.digests,
+                                                self.image_config, self.vision_cache, self.tower)
+                request.spans.append(("vision_s", span.stop()))
+                request.vision_cache_hit = cached == len(request.prompt.images)
+                self.stats.image_prefills += 1
+        span = _Span(self.device)
+        logits = self.runner.prefill(request, start, end)
+        request.spans.append(("prefill_s", span.stop()))
+        self.stats.prefill_tokens += end - start
+        request.prefilled = end
+        if request.prompt_logits:
+            request.logits.append(logits)
+        if end == len(request.prompt):
+            request.vision = None  # the features are in the cache, or no longer needed
+            if request.params is None:
+                self._finish(request, None)
+        return logits
+
+    def _read(self, requests: list[Request], tokens: list[int]) -> None:
+        """One step's tokens on the host: published to the handles; finished requests leave."""
+        now = time.perf_counter()
+        for request, token in zip(requests, tokens):
+            if request.phase is Phase.DONE:
+                continue  # aborted or failed meanwhile: a token computed past its end
+            request.tokens.append(token)
+            request.handle.publish([token])
+            if len(request.tokens) == 1:
+                request.timings.first_token_s = now - request.submitted
+                request.first_read = now
+            request.timings.decode_s = now - request.first_read
+            if token in request.stop_ids or len(request.tokens) == request.max_tokens:
+                self._finish(request, None)
+
+    def _finish(self, request: Request, error: BaseException | None) -> None:
+        """A request leaves: out of the batch, its pages freed (unless handed over), its handle told."""
+        if request.phase is Phase.DONE:
+            return
+        if request.key_mass and request.mass is not None and request.phase is Phase.DECODE and error is None:
+            if request in self.runner._batch:
+                self.runner.flush_mass(request)
+        self.scheduler.remove(request)
+        self._requests.pop(request.id, None)
+        timings = request.timings
+        timings.output_tokens, timings.decode_steps = len(request.tokens), request.fed
+        for name, span in request.spans:  # device-timed: their work is done once the request's tokens are read
+            setattr(timings, name, getattr(timings, name) + span.seconds())
+        if error is not None:
+            value: object = error
+        elif request.params is None:
+            value = Prefill(request.seq if request.keep_sequence else None,
+                            torch.cat(request.logits) if request.prompt_logits else None, timings,
+                            request.vision_cache_hit)
+        else:
+            value = self._output(request)
+        if request.seq is not None and not (request.keep_sequence and error is None):
+            request.seq.release()
+        if request.prompt_logits or (isinstance(value, GenerateOutput) and value.key_mass is not None):
+            if self._stream is not None:  # device results are read on the caller's stream: let this one finish
+                self._stream.synchronize()
+        request.handle.finish(value)
+
+    def _output(self, request: Request) -> GenerateOutput:
+        ids = request.tokens
+        text_ids, stopped = self.without_stop(ids, request.params)
+        output = GenerateOutput(self.tokenizer.decode(text_ids), list(ids), "stop" if stopped else "length",
+                                request.timings)
+        if request.key_mass:
+            start = request.seq.length - request.fed  # the prompt's end: the first output token's position
+            output.key_mass = request.mass[start : start + len(text_ids)]
+        return output
+
+    def _fail_all(self, error: BaseException) -> None:
+        """Fail every request in flight with `error` (an exception in the loop itself); the engine goes on."""
+        with contextlib.suppress(Exception):
+            self.runner._set_batch([])
+        with contextlib.suppress(Exception):
+            self._readout.ready(drain=True)
+        for request in list(self._requests.values()):
+            with contextlib.suppress(Exception):
+                self._finish(request, error)
 
 
-class _HostTokens:
-    """The host's copy of each step's sampled tokens [steps, rows]. On CUDA each step's row is copied into pinned
-    memory behind an event, and `read` waits for that event only: the steps queued after it keep the GPU busy."""
+@dataclass
+class EngineStats:
+    """Work done since the engine was built (the loop counts; any thread may read)."""
 
-    def __init__(self, steps: int, rows: int, device: torch.device):
-        cuda = device.type == "cuda"
-        self.tokens = torch.empty(steps, rows, dtype=torch.long, pin_memory=cuda)
-        # A ring of events suffices: the decode loop reads step i before it pushes step i + 2.
-        self.events = [torch.cuda.Event(), torch.cuda.Event()] if cuda else None
-
-    def push(self, step: int, tokens: torch.Tensor) -> None:
-        self.tokens[step].copy_(tokens, non_blocking=self.events is not None)
-        if self.events is not None:
-            self.events[step % 2].record()
-
-    def read(self, step: int) -> list[int]:
-        if self.events is not None:
-            self.events[step % 2].synchronize()
-        return self.tokens[step].tolist()
+    prefill_tokens: int = 0
+    image_prefills: int = 0  # prompts whose images were placed (an image prefilled once counts once)
+    decode_steps: int = 0
 
 
-def _is_stop(tokens: torch.Tensor, stops: torch.Tensor) -> torch.Tensor:
-    """Which of `tokens` are stop ids, on the device without a host sync (torch.isin syncs for 10+ ids)."""
-    return (tokens[..., None] == stops).any(-1)
+class _Span:
+    """Device time of a phase without a sync: CUDA events, read at the request's end (by then the work is done);
+    the host clock on the CPU, where the work is done when the call returns."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.start, self.end = time.perf_counter(), None
+
+    def stop(self) -> "_Span":
+        if self.cuda:
+            self.end.record()
+        else:
+            self.end = time.perf_counter()
+        return self
+
+    def seconds(self) -> float:
+        if not self.cuda:
+            return self.end - self.start
+        self.end.synchronize()
+        return self.start.elapsed_time(self.end) / 1000
+
+
+def _resized(image: torch.Tensor, config: ImageProcessorConfig) -> tuple[int, int]:
+    from tandem.models.image import smart_resize
+
+    return smart_resize(image.shape[1], image.shape[2], config.factor, config.min_pixels, config.max_pixels)
 
 
 def device_clock(device: torch.device) -> float:
-    """A clock reading after the current stream has finished its queued work: phase timings mean device time.
-    Only the current stream, so two engines running on two streams do not wait for each other."""
+    """A clock reading after the current stream has finished its queued work."""
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()
     return time.perf_counter()
-
-
-def parse_device(device: str | torch.device | None) -> torch.device:
-    """The device to run on: CUDA when available by default. Refuses, in one line, a name torch does not know and
-    a CUDA device this machine does not have."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise InputError(f"device {device!r} is not a device name: use cuda, cuda:N or cpu") from e
-    if parsed.type not in ("cuda", "cpu"):
-        raise InputError(f"device {device!r}: Tandem runs on cuda or cpu")
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-            raise InputError(f"device {device!r}: torch sees no CUDA device (torch {torch.__version__}, {build}); "
-                             "run on the CPU instead (device='cpu', --device cpu)")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise InputError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return parsed
-
-
-def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if dtype in DTYPES:
-        return DTYPES[dtype]
-    raise InputError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-
-
-def _default_kv_tokens(device: torch.device, bytes_per_token: int, max_positions: int) -> int:
-    """CUDA: 85% of the memory still free after the weights (the rest is headroom for activations). CPU: a fixed
-    CPU_KV_TOKENS, which the tests' tiny models and a single long request fit in."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * 0.85) // bytes_per_token
-    return min(CPU_KV_TOKENS, max_positions)

@@ -10,11 +10,15 @@ exception nor Ctrl-C can split (see tandem.runtime.interrupts). The pattern that
 make the Sequence (it holds nothing yet), then acquire pages inside a `try` whose `finally` releases it. Python
 cannot promise that a `finally` runs to its end (a Ctrl-C may land on the call that would release), so the pool
 also takes back the pages of every sequence that was dropped while holding some, at its next allocation.
+
+Threads share a pool: an engine's loop allocates and releases, a pair's caller gives its prefixes back. Every
+change of the pool, and every change of a sequence's pages with it, holds the pool's lock.
 """
 
 from __future__ import annotations
 
 import itertools
+import threading
 import weakref
 
 import torch
@@ -45,6 +49,7 @@ class PagePool:
         # Every sequence's page list, with a weak reference to the sequence: a list whose sequence is gone is
         # released by `_reclaim`. Nothing runs at collection time, so nothing can interrupt it.
         self._holders: dict[int, tuple[weakref.ref, list[int]]] = {}
+        self.lock = threading.RLock()
 
     @staticmethod
     def bytes_per_token(config: TextConfig, dtype: torch.dtype) -> int:
@@ -56,8 +61,6 @@ class PagePool:
 
     @property
     def free_pages(self) -> int:
-        with uninterrupted():
-            self._reclaim()
         return len(self._free)
 
     @property
@@ -65,7 +68,7 @@ class PagePool:
         return self.num_pages - self.free_pages
 
     def allocate(self, n: int) -> list[int]:
-        """n free pages, each with one reference. Callers record them in the same uninterrupted step."""
+        """n free pages, each with one reference. Callers record them in the same uninterrupted step, under `lock`."""
         self._reclaim()
         if n > len(self._free):
             raise CacheFullError(
@@ -92,7 +95,8 @@ class PagePool:
         return self._refs[page] > 1
 
     def track(self, seq: "Sequence") -> None:
-        self._holders[seq.key] = (weakref.ref(seq), seq.pages)
+        with self.lock:
+            self._holders[seq.key] = (weakref.ref(seq), seq.pages)
 
     def _reclaim(self) -> None:
         """Release the pages of sequences dropped without a release (the caller holds back Ctrl-C)."""
@@ -116,7 +120,7 @@ class Sequence:
 
     def append_slots(self, n: int) -> torch.Tensor:
         """Make room for n more tokens and return their cache slots [n] (page * page_size + offset)."""
-        with uninterrupted():
+        with self.pool.lock, uninterrupted():
             self.reserve(n)
             start, self.length = self.length, self.length + n
         size = self.pool.page_size
@@ -127,7 +131,7 @@ class Sequence:
         """Own pages for n more tokens now (copying a shared last page first), without counting them: a decode
         loop that computes its slots on the device needs its pages before it starts."""
         size = self.pool.page_size
-        with uninterrupted():
+        with self.pool.lock, uninterrupted():
             if self.length % size and self.pool.is_shared(self.pages[-1]):
                 self._copy_last_page()
             needed = -(-(self.length + n) // size) - len(self.pages)
@@ -137,14 +141,14 @@ class Sequence:
     def fork_from(self, parent: "Sequence") -> None:
         """Continue `parent` (this sequence must be empty): share every page it has so far, without copying."""
         assert not self.pages, "fork_from needs an empty sequence"
-        with uninterrupted():
+        with self.pool.lock, uninterrupted():
             self.pool.retain(parent.pages)
             self.pages.extend(parent.pages)
             self.length = parent.length
 
     def release(self) -> None:
         """Give back every page (a no-op when it holds none, so a `finally` may call it whatever happened)."""
-        with uninterrupted():
+        with self.pool.lock, uninterrupted():
             self.pool.release(self.pages)
             self.pages.clear()
             self.length = 0

@@ -1,50 +1,51 @@
-"""Tandem: a large and a small Qwen3-VL in one process, cooperating on each question (see DESIGN.md).
+"""Tandem: a large and a small Qwen3-VL in one process, cooperating on each question.
 
+Each policy is an asyncio flow over the two engines' request handles; many requests in flight batch their stages
+together in each engine, and verify's two first stages run at once because both engines' loops run at once.
 One request:
-1. The image is decoded once. Each model's vision features come from the vision cache, or from one encode per
-   distinct tower (towers with identical weights share it); preprocessing runs at most once.
+1. The image is decoded once. Each model's vision features come from the shared vision cache, or from one encode
+   per distinct tower (towers with identical weights share the entry).
 2. Each model the policy needs prefills its prefix [chat header, image, question] once. Every stage of that model
    forks the prefix's pages (no copy) and prefills only its own suffix (instruction + assistant header).
-3. Reasoning transfer: the small model's output ids stay on the device; the token gather kernel writes the large
-   model's suffix (template ids + kept reasoning ids + closing ids) and its positions. Nothing is detokenized and
-   re-tokenized.
-Every page a request took is released when it ends, whether it succeeds or fails.
+3. Reasoning transfer: the small model's output ids pass to the large model as ids (never detokenized and
+   re-tokenized); the token gather kernel writes the large model's suffix (template ids + kept reasoning ids +
+   closing ids) and its positions on the device.
+Every page a request took is released when it ends, whether it succeeds, fails or is cancelled.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import numbers
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from tandem.kernels import gather_tokens
+from tandem.models.config import load_config
 from tandem.models.errors import CheckpointError, InputError
 from tandem.models.hub import resolve_checkpoint
-from tandem.models.config import load_config
-from tandem.models.image import image_size, image_tokens, load_image, preprocess_images
+from tandem.models.image import image_size, image_tokens, load_image
 from tandem.models.loader import weight_bytes
-from tandem.models.positions import mrope_positions
-from tandem.models.tokenizer import IncrementalDetokenizer, expand_image_pads
+from tandem.models.tokenizer import expand_image_pads
 from tandem.runtime.answers import answers_agree, extract_answer
-from tandem.runtime.engine import CPU_KV_TOKENS, Engine, Timings, VisionFeatures, parse_device, parse_dtype
-from tandem.runtime.kv_cache import PagePool, Sequence, release_all
+from tandem.runtime.config import CPU_KV_TOKENS, CUDA_KV_FRACTION, parse_device, parse_dtype
+from tandem.runtime.engine import Engine
+from tandem.runtime.kv_cache import PagePool, Sequence
+from tandem.runtime.request import GenerateOutput, Prefill, Prompt, RequestHandle
 from tandem.runtime.sampling import SamplingParams
 from tandem.runtime.selection import DEFAULT_DELTA, KEEP_MODES, select_key_tokens
-from tandem.runtime.vision_cache import VisionCache, image_digest, tower_fingerprint
+from tandem.runtime.vision_cache import DEFAULT_VISION_CACHE_BYTES, VisionCache, image_digest
 
 POLICIES = ("large", "small", "small-reason", "large-reason", "transfer", "verify")
 # The models each policy's stages use: their prefixes are checked against the caches before any image is decoded.
 POLICY_MODELS = {"large": ("large",), "small": ("small",), "small-reason": ("small",), "large-reason": ("large",),
                  "transfer": ("small", "large"), "verify": ("large", "small")}
-DEFAULT_VISION_CACHE_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -131,65 +132,72 @@ class TandemResult:
 
 @dataclass
 class _Prefix:
-    """One model's prefix for the current request: its pages, length and M-RoPE offset."""
+    """One model's prefix for the current request: its pages, M-RoPE offset, and what building it cost."""
 
     seq: Sequence
     rope_delta: int
-    vision_s: float
-    prefill_s: float
-    vision_cache_hit: bool
+    prefill: Prefill
     first_stage_pending: bool = True
 
 
 @dataclass
 class _Request:
     question: str
+    policy: str
     start: float  # time.perf_counter() when the request came in
     image: torch.Tensor | None = None  # decoded uint8 [3, H, W] on the CPU, once every check has passed
     digest: str = ""
     on_text: Callable[[str, str, str], None] | None = None  # (model, role, text piece) as each stage decodes
-    inputs: dict = field(default_factory=dict)  # ImageProcessorConfig -> ImageInputs: preprocessed at most once
-    prefixes: dict[str, _Prefix] = field(default_factory=dict)  # model -> its prefix in this request
+    prefixes: dict[str, asyncio.Task] = field(default_factory=dict)  # model -> the task building its prefix
     chat: dict[str, tuple[str, str]] = field(default_factory=dict)  # model -> chat template around the question
 
 
 class Tandem:
     def __init__(self, large: Engine, small: Engine, prompts: Prompts = Prompts(), budget: Budget = Budget(),
-                 vision_cache_bytes: int = DEFAULT_VISION_CACHE_BYTES, overlap: bool | None = None):
-        """overlap: run verify's two first stages at once, each model on its own CUDA stream and host thread
-        (default: on CUDA, when the two engines are distinct objects)."""
+                 vision_cache_bytes: int = DEFAULT_VISION_CACHE_BYTES, overlap: bool = True):
+        """overlap: run verify's two first stages at once (False: one after the other, to measure the gain)."""
         _check_same_tokenizer(large, small)
         self.engines = {"large": large, "small": small}
-        distinct = large is not small
-        if overlap and not distinct:
-            raise InputError("overlap needs two engines: one engine cannot run two stages at once")
-        self.overlap = distinct and large.device.type == "cuda" if overlap is None else overlap
+        self.overlap = overlap
         self.prompts = prompts
         self.budget = budget
         self.vision_cache = VisionCache(vision_cache_bytes)
-        self._towers = {name: tower_fingerprint(e.model.visual) for name, e in self.engines.items()}
-        self._streams: dict[str, torch.cuda.Stream] = {}  # each model's stage stream under overlap, made once
+        for engine in self.engines.values():  # towers with identical weights share entries
+            engine.vision_cache = self.vision_cache
 
     @classmethod
     def from_pretrained(cls, large: str | Path, small: str | Path, device: str | torch.device | None = None,
                         dtype: str | torch.dtype | None = None, kv_cache_tokens: int | None = None,
-                        kernel_backend: str | None = None, **kwargs) -> "Tandem":
-        """Both models on one device. By default each model's KV cache gets the same number of tokens, together
-        85% of the device memory the two models' weights leave free (CUDA), or CPU_KV_TOKENS each (CPU)."""
+                        prompts: Prompts = Prompts(), budget: Budget = Budget(),
+                        vision_cache_bytes: int = DEFAULT_VISION_CACHE_BYTES, overlap: bool = True,
+                        **settings) -> "Tandem":
+        """Both models on one device (folders or Hugging Face model ids). By default each model's KV cache gets
+        the same number of tokens, together CUDA_KV_FRACTION of the device memory the two models' weights leave
+        free (CUDA), or CPU_KV_TOKENS each (CPU). `settings`: EngineConfig's other fields, for both engines."""
         device = parse_device(device)
         large, small = resolve_checkpoint(large), resolve_checkpoint(small)
         if kv_cache_tokens is None:
             kv_cache_tokens = _shared_kv_tokens([large, small], device, dtype)
-        engines = [Engine.from_pretrained(p, device, dtype, kv_cache_tokens, kernel_backend=kernel_backend)
+        engines = [Engine.from_pretrained(p, device, dtype, kv_cache_tokens=kv_cache_tokens, **settings)
                    for p in (large, small)]
-        return cls(*engines, **kwargs)
+        return cls(*engines, prompts=prompts, budget=budget, vision_cache_bytes=vision_cache_bytes, overlap=overlap)
 
     def answer(self, image, question: str, policy: str = "verify", keep: str = "all", delta: float = DEFAULT_DELTA,
                on_text: Callable[[str, str, str], None] | None = None) -> TandemResult:
+        """`answer_async`, run to its end here (not from inside a running event loop: await answer_async there)."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self.answer_async(image, question, policy, keep, delta, on_text))
+        raise InputError("Tandem.answer was called inside a running event loop: await answer_async(...) there")
+
+    async def answer_async(self, image, question: str, policy: str = "verify", keep: str = "all",
+                           delta: float = DEFAULT_DELTA,
+                           on_text: Callable[[str, str, str], None] | None = None) -> TandemResult:
         """Answer `question` about `image` (anything the engine takes as an image: a file path, data URL, bytes,
         PIL image, numpy HWC array or torch CHW tensor) with the given policy. Everything is checked, the image's
         size against both caches included, before the image is decoded. on_text(model, role, piece) receives each
-        stage's text as it is decoded (with verify's overlap, from two threads at once)."""
+        stage's text as it is decoded (two stages may alternate). Cancelling the task stops its stages."""
         if policy not in POLICIES:
             raise InputError(f"policy {policy!r} is not one of {', '.join(POLICIES)}")
         if keep not in KEEP_MODES:
@@ -201,192 +209,160 @@ class Tandem:
                              f"the question must be a string, got {type(question).__name__}")
         if on_text is not None and not callable(on_text):
             raise InputError(f"on_text must be callable, got {type(on_text).__name__}")
-        request = _Request(question.strip(), time.perf_counter(), on_text=on_text)
+        request = _Request(question.strip(), policy, time.perf_counter(), on_text=on_text)
         size = image_size(image, 0)
         for model in POLICY_MODELS[policy]:
             engine = self.engines[model]
-            head, tail = self._chat_parts(request, model)
             pads = image_tokens(*size, engine.image_config, 0)
-            prefix = len(engine.tokenizer.encode(head)) - 1 + pads  # the template's one pad becomes the image's run
-            engine.check_fits(prefix, prefix)
+            prefix = len(engine.tokenizer.encode(self._chat_parts(request, model)[0])) - 1 + pads
+            engine.check_fits(prefix, headroom=self._headroom(request, model))  # the one pad becomes the run
         request.image = load_image(image, 0)
         request.digest = image_digest(request.image)
         try:
-            result = self._run_policy(request, policy, keep, delta)
+            result = await self._run_policy(request, policy, keep, delta)
         finally:
-            release_all(prefix.seq for prefix in request.prefixes.values())
+            await self._release(request)
         result.total_s = time.perf_counter() - request.start
         return result
 
     # ---- policies ------------------------------------------------------------------------------------------------
-    def _run_policy(self, request: _Request, policy: str, keep: str, delta: float) -> TandemResult:
+    async def _run_policy(self, request: _Request, policy: str, keep: str, delta: float) -> TandemResult:
         if policy in ("large", "small"):
-            stage = self._short(request, policy)
+            stage, _ = await self._short(request, policy)
             return TandemResult(stage.answer, policy, [stage])
         if policy in ("small-reason", "large-reason"):
-            stage, _, _ = self._reason(request, policy.removesuffix("-reason"), scored=False)
+            stage, _ = await self._reason(request, policy.removesuffix("-reason"), scored=False)
             return TandemResult(stage.answer, policy, [stage])
         if policy == "transfer":
-            reasoning = self._reason(request, "small", scored=keep == "attention")
-            transfer = self._transfer(request, reasoning, delta)
+            reasoning = await self._reason(request, "small", scored=keep == "attention")
+            transfer = await self._transfer(request, reasoning, delta)
             return TandemResult(transfer.answer, policy, [reasoning[0], transfer])
-        short, reasoning = self._both(request, lambda: self._short(request, "large"),
-                                      lambda: self._reason(request, "small", scored=keep == "attention"))
+        first = (self._short(request, "large"), self._reason(request, "small", scored=keep == "attention"))
+        if self.overlap:
+            (short, _), reasoning = await _all(*first)
+        else:
+            (short, _), reasoning = await first[0], await first[1]
         verdict_s = time.perf_counter() - request.start  # both stages' tokens are on the host: their work is done
         if answers_agree(short.text, reasoning[0].text):
             return TandemResult(short.answer, policy, [short, reasoning[0]], agreed=True, verdict_s=verdict_s)
-        transfer = self._transfer(request, reasoning, delta)
+        transfer = await self._transfer(request, reasoning, delta)
         return TandemResult(transfer.answer, policy, [short, reasoning[0], transfer], agreed=False, verdict_s=verdict_s)
 
-    def _both(self, request: _Request, large_stage, small_stage) -> tuple:
-        """Run a large-model stage and a small-model stage, at once when self.overlap. Both prefixes are built
-        first, so the threads share no request state; each thread decodes on its own CUDA stream."""
-        if not self.overlap:
-            return large_stage(), small_stage()
-        self._prefix(request, "large")
-        self._prefix(request, "small")
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            small = pool.submit(_on_own_stream, self._stream("small"), small_stage)
-            large = _on_own_stream(self._stream("large"), large_stage)
-            return large, small.result()
-
-    def _stream(self, model: str) -> torch.cuda.Stream | None:
-        """The model's own CUDA stream for overlapped stages (None off CUDA), created once and kept, so two stages
-        never share one from torch's rotating pool."""
-        device = self.engines[model].device
-        if device.type != "cuda":
-            return None
-        if model not in self._streams:
-            self._streams[model] = torch.cuda.Stream(device)
-        return self._streams[model]
-
-    def _short(self, request: _Request, model: str) -> Stage:
+    async def _short(self, request: _Request, model: str) -> tuple[Stage, GenerateOutput]:
         suffix = self._suffix_ids(request, model, "\n" + self.prompts.short)
-        stage, _, _ = self._stage(request, model, "answer", suffix, self.budget.short_tokens)
-        return stage
+        return await self._stage(request, model, "answer", suffix, self.budget.short_tokens)
 
-    def _reason(self, request: _Request, model: str, scored: bool) -> tuple[Stage, torch.Tensor, torch.Tensor | None]:
-        """A reasoning stage -> (stage, its output ids on the device without the stop token, and when `scored` the
-        attention each of them received, for key-token selection)."""
+    async def _reason(self, request: _Request, model: str, scored: bool) -> tuple[Stage, GenerateOutput]:
+        """A reasoning stage; when `scored`, its output carries the attention each token received (key mass)."""
         suffix = self._suffix_ids(request, model, "\n" + self.prompts.reason)
-        return self._stage(request, model, "reason", suffix, self.budget.reason_tokens, key_mass=scored)
+        return await self._stage(request, model, "reason", suffix, self.budget.reason_tokens, key_mass=scored)
 
-    def _transfer(self, request: _Request, reasoning: tuple[Stage, torch.Tensor, torch.Tensor | None],
-                  delta: float) -> Stage:
+    async def _transfer(self, request: _Request, reasoning: tuple[Stage, GenerateOutput], delta: float) -> Stage:
         """The large model answers with the small model's (kept) reasoning ids spliced into its instruction."""
-        _, ids, scores = reasoning
-        keep = torch.arange(len(ids), device=ids.device) if scores is None else select_key_tokens(scores, delta)
+        stage, out = reasoning
+        large = self.engines["large"]
+        ids = out.token_ids[:-1] if out.finish_reason == "stop" else out.token_ids
+        keep = torch.arange(len(ids)) if out.key_mass is None else select_key_tokens(out.key_mass, delta)
         before, after = self.prompts.transfer.split("{reasoning}")
         head = self._suffix_ids(request, "large", "\n" + before, close=False)
         tail = self._suffix_ids(request, "large", after)
-        prefix = self._prefix(request, "large")
-        suffix, positions = gather_tokens(ids, keep, head, tail, prefix.seq.length + prefix.rope_delta)
-        stage, _, _ = self._stage(request, "large", "transfer", suffix, self.budget.short_tokens,
-                                  positions=positions.expand(3, -1))
-        stage.kept_indices = keep.tolist()
-        stage.reasoning_tokens = len(ids)
-        return stage
+        prefix = await self._prefix(request, "large")
+        device = large.device
+        suffix, positions = gather_tokens(torch.tensor(ids, dtype=torch.long, device=device), keep.to(device),
+                                          torch.tensor(head, device=device), torch.tensor(tail, device=device),
+                                          prefix.seq.length + prefix.rope_delta)
+        ready = None
+        if device.type == "cuda":  # made on this thread's stream: the large engine's stream waits for it
+            ready = torch.cuda.Event()
+            ready.record()
+        transfer, _ = await self._stage(request, "large", "transfer", suffix, self.budget.short_tokens,
+                                        positions=positions.expand(3, -1), ready=ready)
+        transfer.kept_indices = keep.tolist()
+        transfer.reasoning_tokens = len(ids)
+        return transfer
 
     # ---- stages ----------------------------------------------------------------------------------------------
-    def _stage(self, request: _Request, model: str, role: str, suffix: torch.Tensor, max_tokens: int,
-               key_mass: bool = False, positions: torch.Tensor | None = None,
-               ) -> tuple[Stage, torch.Tensor, torch.Tensor | None]:
-        """Fork the model's prefix, prefill `suffix`, decode. -> (stage, output ids on the device without the
-        stop token, the attention each output token received from later steps when key_mass)."""
+    async def _stage(self, request: _Request, model: str, role: str, suffix: list[int] | torch.Tensor,
+                     max_tokens: int, key_mass: bool = False, positions: torch.Tensor | None = None,
+                     ready: torch.cuda.Event | None = None) -> tuple[Stage, GenerateOutput]:
+        """Fork the model's prefix, prefill `suffix` on it, decode."""
         engine = self.engines[model]
-        prefix = self._prefix(request, model)
-        params = SamplingParams(max_tokens=max_tokens, temperature=self.budget.temperature,
-                                ignore_eos=self.budget.ignore_eos).resolve(engine.sampling_defaults)
-        # The fork may copy the prefix's partly filled last page before writing: one page more.
-        engine.check_fits(prefix.seq.length + len(suffix) + max_tokens, len(suffix) + max_tokens + engine.pool.page_size)
-        seq = Sequence(engine.pool)
-        try:
-            seq.fork_from(prefix.seq)
-            if positions is None:
-                start = seq.length + prefix.rope_delta
-                positions = torch.arange(start, start + len(suffix), device=engine.device).expand(3, -1)
-            timings = Timings()
-            start_s = engine.now()
-            logits = engine.prefill(seq, suffix, positions)
-            timings.prefill_s = engine.now() - start_s
-            prompt_tokens = seq.length
-            mass = torch.zeros(1, prompt_tokens + max_tokens, device=engine.device) if key_mass else None
-            out = torch.empty(1, max_tokens, dtype=torch.long, device=engine.device)
-            with closing(engine.decode_batch([seq], logits, params, [prefix.rope_delta], [timings], mass, out)) as steps:
-                tokens = self._stream_stage(request, model, role, steps, engine.stop_ids(params))
-        finally:
-            seq.release()
-        text_ids, _ = engine.without_stop(tokens, params)
-        ids = out[0, : len(text_ids)]  # the same ids, still on the device
-        text = engine.tokenizer.decode(text_ids)
+        prefix = await self._prefix(request, model)
+        params = engine.resolve(SamplingParams(max_tokens=max_tokens, temperature=self.budget.temperature,
+                                               ignore_eos=self.budget.ignore_eos))
+        if positions is None:
+            start = prefix.seq.length + prefix.rope_delta
+            positions = torch.arange(start, start + len(suffix)).expand(3, -1)
+        prompt = Prompt(suffix, [], [], [], positions, prefix.rope_delta)
+        handle = engine.submit_stage(prefix.seq, prompt, params, key_mass=key_mass, ready=ready)
+        if request.on_text is not None:
+            async for piece in handle.stream_async():
+                request.on_text(model, role, piece)
+        out: GenerateOutput = await handle.result_async()
+        t = out.timings
         stage = Stage(
-            model=model, role=role, input_tokens=prompt_tokens, prefilled_tokens=len(suffix),
-            suffix_ids=suffix.tolist(), output_ids=tokens, text=text, answer=extract_answer(text),
-            prefill_s=timings.prefill_s, decode_s=timings.decode_s,
+            model=model, role=role, input_tokens=prefix.seq.length + len(suffix), prefilled_tokens=len(suffix),
+            suffix_ids=suffix.tolist() if isinstance(suffix, torch.Tensor) else list(suffix),
+            output_ids=out.token_ids, text=out.text, answer=extract_answer(out.text),
+            prefill_s=t.prefill_s, decode_s=t.decode_s,
         )
         if prefix.first_stage_pending:  # the prefix's cost belongs to the stage that needed it first
             prefix.first_stage_pending = False
             stage.prefilled_tokens += prefix.seq.length
-            stage.vision_s, stage.vision_cache_hit = prefix.vision_s, prefix.vision_cache_hit
-            stage.prefill_s += prefix.prefill_s
-        scores = mass[0, prompt_tokens : prompt_tokens + len(ids)] if mass is not None else None
-        return stage, ids, scores
+            stage.vision_s, stage.vision_cache_hit = prefix.prefill.timings.vision_s, prefix.prefill.vision_cache_hit
+            stage.prefill_s += prefix.prefill.timings.prefill_s
+        return stage, out
 
-    def _stream_stage(self, request: _Request, model: str, role: str, steps, stop_ids: frozenset[int]) -> list[int]:
-        """A stage's output ids, from decode_batch's steps; each piece of its text (stop token excluded) goes to the
-        request's on_text callback as it is decoded."""
-        tokens: list[int] = []
-        detok = IncrementalDetokenizer(self.engines[model].tokenizer) if request.on_text else None
-        for (chunk,) in steps:
-            tokens += chunk
-            if detok is not None:
-                for token in chunk:
-                    piece = "" if token in stop_ids else detok.add(token)
-                    if piece:
-                        request.on_text(model, role, piece)
-        if detok is not None and (tail := detok.flush()):
-            request.on_text(model, role, tail)
-        return tokens
+    async def _prefix(self, request: _Request, model: str) -> _Prefix:
+        """The model's [chat header, image, question] in its KV cache, prefilled once per request (the first
+        stage that needs it starts the task; the others await it)."""
+        if model not in request.prefixes:
+            request.prefixes[model] = asyncio.ensure_future(self._build_prefix(request, model))
+        return await asyncio.shield(request.prefixes[model])
 
-    def _prefix(self, request: _Request, model: str) -> _Prefix:
-        """The model's [chat header, image, question] in its KV cache, prefilled on first use in the request."""
-        if model in request.prefixes:
-            return request.prefixes[model]
+    async def _build_prefix(self, request: _Request, model: str) -> _Prefix:
         engine = self.engines[model]
-        start = engine.now()
-        features, hit = self._vision(request, model)
-        vision_end = engine.now()
-        text = self._chat_parts(request, model)[0]
-        ids = expand_image_pads(engine.tokenizer.encode(text), features.tokens_per_image, engine.tokenizer.image_pad_id)
-        positions, rope_delta = mrope_positions(ids, features.grids, engine.model.config.image_token_id,
-                                                features.merge_size)
-        engine.check_fits(len(ids), len(ids))
-        prefix = _Prefix(Sequence(engine.pool), rope_delta, vision_end - start, 0.0, hit)
-        request.prefixes[model] = prefix  # registered before prefill, so its pages are released even if it fails
-        engine.prefill(prefix.seq, torch.tensor(ids, device=engine.device), positions.to(engine.device), features,
-                       logits=None)
-        prefix.prefill_s = engine.now() - vision_end
-        return prefix
+        ids = engine.tokenizer.encode(self._chat_parts(request, model)[0])
+        pads = image_tokens(request.image.shape[1], request.image.shape[2], engine.image_config, 0)
+        ids = expand_image_pads(ids, [pads], engine.tokenizer.image_pad_id)
+        prompt = engine.prompt_of(ids, [request.image], [request.digest])
+        handle = engine.submit_prefix(prompt, self._stage_tokens(request, model))
+        prefill: Prefill = await _result(handle, engine)
+        return _Prefix(prefill.seq, prompt.rope_delta, prefill)
 
-    def _vision(self, request: _Request, model: str) -> tuple[VisionFeatures, bool]:
-        """The image's features for this model's tower: cached, or encoded (and preprocessed at most once)."""
-        engine = self.engines[model]
-        key = (request.digest, engine.image_config, self._towers[model])
-        cached = self.vision_cache.get(key)
-        if cached is not None:
-            return cached, True
-        if engine.image_config not in request.inputs:
-            request.inputs[engine.image_config] = preprocess_images(
-                [request.image], engine.image_config, engine.device, engine.dtype)
-        features = engine.encode_images(request.inputs[engine.image_config])
-        self.vision_cache.put(key, features)
-        return features, False
+    async def _release(self, request: _Request) -> None:
+        """Give back every prefix the request built (a prefix still building is cancelled: its engine frees it)."""
+        for model, task in request.prefixes.items():
+            if not task.done():
+                task.cancel()
+            try:
+                prefix = await task
+            except BaseException:  # noqa: BLE001 - cancelled or failed: nothing was handed over
+                continue
+            self.engines[model].release(prefix.seq)
 
-    def _suffix_ids(self, request: _Request, model: str, instruction: str, close: bool = True) -> torch.Tensor:
+    def _stage_tokens(self, request: _Request, model: str) -> int:
+        """The largest stage the request's policy runs on this model: its suffix and max_tokens (a transfer
+        suffix counted with every reasoning token kept)."""
+        b, policy = self.budget, request.policy
+        sizes = []
+        if policy in ("large", "small", "verify") and (model == policy or (policy == "verify" and model == "large")):
+            sizes.append(len(self._suffix_ids(request, model, "\n" + self.prompts.short)) + b.short_tokens)
+        if policy == f"{model}-reason" or (model == "small" and policy in ("transfer", "verify")):
+            sizes.append(len(self._suffix_ids(request, model, "\n" + self.prompts.reason)) + b.reason_tokens)
+        if model == "large" and policy in ("transfer", "verify"):
+            template = len(self._suffix_ids(request, model, "\n" + self.prompts.transfer.replace("{reasoning}", "")))
+            sizes.append(template + 2 + b.reason_tokens + b.short_tokens)  # 2: the split may cost a merge each side
+        return max(sizes)
+
+    def _headroom(self, request: _Request, model: str) -> int:
+        size = self.engines[model].pool.page_size
+        return -(-self._stage_tokens(request, model) // size) + 1
+
+    def _suffix_ids(self, request: _Request, model: str, instruction: str, close: bool = True) -> list[int]:
         """ids of `instruction`, then (close=True) the template's end of the user turn and the assistant header."""
         text = instruction + (self._chat_parts(request, model)[1] if close else "")
-        return torch.tensor(self.engines[model].tokenizer.encode(text), dtype=torch.long,
-                            device=self.engines[model].device)
+        return self.engines[model].tokenizer.encode(text)
 
     def _chat_parts(self, request: _Request, model: str) -> tuple[str, str]:
         """The model's chat template rendered around the question: (everything up to and including the question,
@@ -411,19 +387,28 @@ class Tandem:
         return request.chat[model]
 
 
-def _on_own_stream(stream: torch.cuda.Stream | None, stage):
-    """Run `stage` on `stream` (a stream of its own lets the GPU overlap it with the other model's stage), which
-    starts after the work already queued (the prefixes). The current stream then waits for it, even when the stage
-    fails: its pages are released next, and steps it queued may still be writing to them."""
-    if stream is None:
-        return stage()
-    current = torch.cuda.current_stream(stream.device)
-    stream.wait_stream(current)
+
+async def _result(handle: RequestHandle, engine: Engine):
+    """handle.result_async(); if the awaiting task is cancelled just as a prefix was handed over, the prefix goes
+    back to its engine instead of being lost."""
     try:
-        with torch.cuda.stream(stream):
-            return stage()
-    finally:
-        current.wait_stream(stream)
+        return await handle.result_async()
+    except asyncio.CancelledError:
+        if handle.done and isinstance(handle._value, Prefill):
+            engine.release(handle._value.seq)
+        raise
+
+
+async def _all(*coroutines):
+    """Run coroutines at once; if one fails, cancel the others (and wait for them) before raising its error."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def _check_same_tokenizer(large: Engine, small: Engine) -> None:
@@ -440,7 +425,7 @@ def _check_same_tokenizer(large: Engine, small: Engine) -> None:
 
 
 def _shared_kv_tokens(checkpoints: list, device: torch.device, dtype) -> int:
-    """KV tokens for each of the models: on CUDA an equal share of 85% of the memory their weights leave free."""
+    """KV tokens for each of the models: on CUDA an equal share of the memory their weights leave free."""
     if device.type != "cuda":
         return CPU_KV_TOKENS
     dtype = parse_dtype(dtype, device)
@@ -449,4 +434,4 @@ def _shared_kv_tokens(checkpoints: list, device: torch.device, dtype) -> int:
     if weights >= free:
         raise InputError(f"the two models' weights need {weights} bytes, more than the {free} free on {device}")
     per_token = sum(PagePool.bytes_per_token(load_config(c).text, dtype) for c in checkpoints)
-    return int((free - weights) * 0.85) // per_token
+    return int((free - weights) * CUDA_KV_FRACTION) // per_token

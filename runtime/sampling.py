@@ -1,8 +1,10 @@
-"""Sampling parameters and the sampler, which runs on the logits' device.
+"""Sampling parameters and the sampler: one batched draw, each row with its own params, on the logits' device.
 
-Two samplers: `sample`, in torch (the default), and the CUDA op of csrc/sampling.cu, which TANDEM_SAMPLER=cuda
-selects for logits on CUDA where it builds (see `sampler_choice`). `Sampler` runs one generation's steps with
-whichever applies. The CUDA op stays opt-in until a GPU measurement shows it faster (csrc/README.md).
+Every row draws with the Gumbel-max trick: the token is the argmax of its filtered, temperature-scaled logits plus
+Gumbel noise. The noise comes from a counter-based hash of (the request's seed, the token's index in its reply,
+the token id): nothing syncs the host, and a seeded request draws the same tokens alone or in any batch, since no
+row's noise or filters depend on another row. Filters apply in the order temperature, top-k, top-p, as in
+transformers: top-k keeps k candidates (torch.topk, no sort of the row); top-p alone sorts the row.
 """
 
 from __future__ import annotations
@@ -15,13 +17,10 @@ from pathlib import Path
 
 import torch
 
-from tandem.kernels import env
-from tandem.kernels.csrc import load_sampling_op, sampling_op_error
 from tandem.models.errors import CheckpointError, InputError
 
 DEFAULT_MAX_TOKENS = 256
 GREEDY_BELOW = 1e-5  # temperatures under this decode greedily
-SAMPLERS = ("torch", "cuda")
 
 
 @dataclass(frozen=True)
@@ -102,78 +101,104 @@ def checkpoint_defaults(checkpoint_dir: str | Path) -> tuple[SamplingParams, tup
     return defaults, eos_ids
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """logits [B, vocab] float32 -> token ids [B], on the logits' device, without a host sync. Filters apply in the
-    order temperature, top-k, top-p, as in transformers. A top-k filter keeps k candidates (torch.topk, no sort of
-    the row) and top-p then works on those; top-p alone sorts the whole row."""
-    if params.temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / params.temperature
-    top_p = 1.0 if params.top_p is None else params.top_p
-    if params.top_k and params.top_k < logits.shape[-1]:
-        values, candidates = logits.topk(params.top_k, dim=-1)  # sorted, most likely first
-        if top_p < 1.0:
-            values = values.masked_fill(_beyond_top_p(values, top_p), float("-inf"))
-        return candidates.gather(-1, race(values.softmax(dim=-1), generator)[:, None]).squeeze(-1)
-    if top_p < 1.0:
-        values, order = logits.sort(dim=-1, descending=True)
-        drop = _beyond_top_p(values, top_p)
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return race(logits.softmax(dim=-1), generator)
+@dataclass
+class SamplingRows:
+    """The per-row sampling params of one batch, on the device, and what the whole batch needs (host-side, so that
+    sampling needs no sync to decide its shape)."""
+
+    temperature: torch.Tensor  # [B] float32; 0 = greedy
+    top_k: torch.Tensor  # [B] int64; 0 = off
+    top_p: torch.Tensor  # [B] float32; 1 = off
+    key: torch.Tensor  # [B] int64: seed_key(the request's seed)
+    step: torch.Tensor  # [B] int64: the index, in its reply, of the token the row draws next
+    candidates: int  # columns to draw among: the largest top_k, or the vocabulary
+    filtered: bool  # some row has a top-k or top-p filter
+    greedy: bool  # every row is greedy: an argmax is all
+
+    @classmethod
+    def of(cls, params: list[SamplingParams], keys: list[int], steps: list[int], vocab: int,
+           device: torch.device) -> "SamplingRows":
+        """Rows for resolved params (each temperature, top_k and top_p set)."""
+        top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
+        sampled = [p.temperature > 0 for p in params]
+        filtered = any(s and (k or p.top_p < 1) for s, k, p in zip(sampled, top_k, params))
+        # A row that samples with top-p but no top-k, or with no filter beside a filtered row, needs every column.
+        whole_row = any(s and not k for s, k in zip(sampled, top_k))
+        candidates = vocab if whole_row or not filtered else max(k for s, k in zip(sampled, top_k) if s)
+
+        return cls(to_device([p.temperature for p in params], torch.float32, device),
+                   to_device(top_k, torch.int64, device), to_device([p.top_p for p in params], torch.float32, device),
+                   to_device(keys, torch.int64, device), to_device(steps, torch.int64, device), candidates, filtered,
+                   not any(sampled))
 
 
-def race(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One draw per row of probs [B, n]: argmax(p / E) with E ~ Exp(1) independent per entry is distributed as p (the
-    first of independent exponential clocks with rates p to ring). Unlike torch.multinomial, it never syncs the host."""
-    clocks = torch.empty_like(probs).exponential_(generator=generator)
-    return (probs / clocks.clamp_min_(1e-30)).argmax(dim=-1)  # the CPU's exponential_ can return 0
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list as a device tensor without a host sync: on CUDA through pinned memory, copied in stream
+    order (a pageable copy would wait for the stream's queued work)."""
+    host = torch.tensor(values, dtype=dtype)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
 
 
-def _beyond_top_p(sorted_logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """For logits sorted most likely first: True past the smallest prefix whose probability reaches top_p (the first
-    token is always kept)."""
-    probs = sorted_logits.softmax(dim=-1)
-    return probs.cumsum(dim=-1) - probs >= top_p  # the more likely tokens already reach top_p
+def sample(logits: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
+    """logits [B, vocab] float32 -> token ids [B], each row drawn with its own params; never syncs the host."""
+    greedy = logits.argmax(dim=-1)
+    if rows.greedy:
+        return greedy
+    vocab = logits.shape[-1]
+    scaled = logits / rows.temperature.clamp_min(GREEDY_BELOW)[:, None]  # greedy rows are replaced below
+    ids = None
+    if rows.candidates < vocab:
+        values, ids = scaled.topk(rows.candidates, dim=-1)  # sorted, most likely first
+    elif rows.filtered:
+        values, ids = scaled.sort(dim=-1, descending=True)
+    else:
+        values = scaled
+    if rows.filtered:
+        column = torch.arange(values.shape[-1], device=values.device)
+        values = values.masked_fill(column >= torch.where(rows.top_k > 0, rows.top_k, vocab)[:, None], float("-inf"))
+        probs = values.softmax(dim=-1)
+        beyond = (probs.cumsum(dim=-1) - probs >= rows.top_p[:, None]) & (rows.top_p < 1)[:, None]
+        values = values.masked_fill(beyond, float("-inf"))  # past the smallest prefix that reaches top_p
+    token_ids = ids if ids is not None else torch.arange(vocab, device=logits.device).expand_as(values)
+    choice = (values + gumbel_noise(rows.key, rows.step, token_ids)).argmax(dim=-1)
+    drawn = choice if ids is None else ids.gather(-1, choice[:, None]).squeeze(-1)
+    return torch.where(rows.temperature == 0, greedy, drawn)
 
 
-def sampler_choice(device: torch.device) -> tuple[str, str]:
-    """("torch" or "cuda", why): the sampler `Sampler` runs for logits on `device` under TANDEM_SAMPLER (torch, the
-    default, or cuda). cuda falls back to torch for logits off CUDA or where the op cannot be built; the reason
-    says which. On a GPU, the first cuda answer builds the op (about a minute, once per machine)."""
-    name = env.sampler()
-    if name not in SAMPLERS:
-        raise ValueError(f"TANDEM_SAMPLER={name!r} is not one of {', '.join(SAMPLERS)}")
-    if name == "torch":
-        return "torch", "TANDEM_SAMPLER is torch (the default)"
-    if device.type != "cuda":
-        return "torch", f"TANDEM_SAMPLER=cuda, but the logits are on {device.type}"
-    if load_sampling_op() is None:
-        return "torch", f"TANDEM_SAMPLER=cuda, but the CUDA op is unavailable: {sampling_op_error()}"
-    return "cuda", "TANDEM_SAMPLER=cuda"
+# ---- counter-based noise -----------------------------------------------------------------------------------------
+_M32 = 0xFFFFFFFF
 
 
-class Sampler:
-    """Draws one generation's tokens, step after step, with the sampler `sampler_choice` picks.
+def gumbel_noise(key: torch.Tensor, step: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel noise [B, K] float32, a pure function of (key[b], step[b], token_ids[b, k])."""
+    row = _mix32(key ^ _mix32(step))
+    bits = _mix32(_mix32(row[:, None] ^ token_ids) ^ 0x9E3779B9)
+    uniform = ((bits >> 8).float() + 0.5) * 2.0**-24  # 24 bits: exact in float32, never 0 or 1
+    return -torch.log(-torch.log(uniform))
 
-    The CUDA op draws with counter-based random numbers (Philox keyed by a seed and an offset), not a generator's
-    state: the seed comes from `generator` once, at the first sampled (non-greedy) step, the one host sync this
-    costs per generation; every step then passes the next offset, a host counter, so no step waits for the device.
-    Seeded requests repeat under either sampler, but the two samplers draw different tokens from one seed. The
-    choice is made once, for the logits' `device`, not per step."""
 
-    def __init__(self, params: SamplingParams, generator: torch.Generator | None, device: torch.device):
-        self.params, self.generator = params, generator
-        self.op = load_sampling_op() if sampler_choice(device)[0] == "cuda" else None
-        self._seed: int | None = None
-        self._offset = 0
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """The lowbias32 integer hash on int64 tensors holding 32-bit values; products split so nothing overflows."""
+    x = x & _M32
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
 
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.op is None:
-            return sample(logits, self.params, self.generator)
-        p = self.params
-        if p.temperature and self._seed is None:
-            self._seed = int(torch.randint(2**63 - 1, (), device=logits.device, generator=self.generator))
-        top_p = 1.0 if p.top_p is None else p.top_p
-        tokens = self.op.sample(logits, p.temperature, p.top_k or 0, top_p, self._seed or 0, self._offset)
-        self._offset += 1
-        return tokens
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def seed_key(seed: int) -> int:
+    """A request's 64-bit seed folded into the 32-bit key its noise is drawn with (the same hash, on the host)."""
+    def mix(x: int) -> int:
+        x &= _M32
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & _M32
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & _M32
+        return x ^ (x >> 16)
+
+    return mix((seed & _M32) ^ mix(((seed >> 32) & _M32) ^ 0x5851F42D))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,17 @@ def tiny_2b(tmp_path_factory) -> Path:
 def tiny_8b(tmp_path_factory) -> Path:
     """8B-like: untied lm_head, vision head_dim 36 (not a power of two)."""
     return build_random_checkpoint(tmp_path_factory.mktemp("tiny-8b"), "8b-like", seed=1)
+
+
+def wait_for(condition, timeout: float = 10.0) -> bool:
+    """Poll `condition()` until it holds (True) or `timeout` seconds pass (False): for what an engine's loop thread
+    does after a call returns, such as freeing an aborted request's pages at its next step."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 def random_image(height: int, width: int, seed: int) -> np.ndarray:

@@ -13,8 +13,7 @@ import torch
 from transformers import Qwen3VLForConditionalGeneration
 
 from tandem.models.errors import InputError
-from tandem.runtime import Engine, SamplingParams, Timings
-from tandem.runtime.kv_cache import Sequence
+from tandem.runtime import Engine, SamplingParams
 
 from conftest import needs_interpreter, random_image
 
@@ -91,50 +90,49 @@ def test_replies_stop_at_their_own_stop_tokens(engine, alone, lag):
 
 
 @pytest.mark.parametrize("lag", [0, 1])
-def test_key_mass_of_a_batch_is_each_sequences_own(engine, alone, lag):
-    """decode_batch's key mass rows equal those of each sequence decoded alone, also when the rows stop at
-    different steps and the host reads the tokens a step behind the device: a step that feeds a row its stop token,
-    or runs after it, adds nothing to that row's mass."""
+def test_key_mass_of_a_batch_is_each_requests_own(engine, alone, lag):
+    """The key mass of each request decoded in a batch equals its mass decoded alone, also when the rows stop at
+    different steps (the batch changes under them) and the host reads the tokens a step behind the device: a step
+    that feeds a row its stop token, or runs after it, adds nothing to that row's mass."""
     prompts = [engine.prepare(r) for r in (REQUESTS[0], REQUESTS[1], REQUESTS[2])]
-    params = SamplingParams(max_tokens=10, temperature=0.0, stop_token_ids=(alone[1][3],), ignore_eos=True
-                            ).resolve(engine.sampling_defaults)
+    params = engine.resolve(SamplingParams(max_tokens=10, temperature=0.0, stop_token_ids=(alone[1][3],),
+                                           ignore_eos=True))
 
     def decode(group):
-        seqs = [Sequence(engine.pool) for _ in group]
-        try:
-            logits = torch.cat([engine._prefill_prompt(s, p, Timings()) for s, p in zip(seqs, group)])
-            mass = torch.zeros(len(group), max(len(p.token_ids) for p in group) + 10)
-            chunks = list(engine.decode_batch(seqs, logits, params, [p.rope_delta for p in group],
-                                              [Timings() for _ in group], key_mass=mass))
-            return mass, [sum((c[b] for c in chunks), []) for b in range(len(group))]
-        finally:
-            for s in seqs:
-                s.release()
+        handles = [engine._submit(prompt, params, key_mass=True) for prompt in group]
+        return [h.result() for h in handles]
 
     engine.read_lag = lag
     try:
-        together, tokens = decode(prompts)
+        together = decode(prompts)
     finally:
         engine.read_lag = 0
-    assert len(tokens[1]) == 4 and len({len(t) for t in tokens}) > 1  # the rows stop at different steps
-    for b, prompt in enumerate(prompts):
-        own, own_tokens = decode([prompt])
-        assert tokens[b] == own_tokens[0]
-        n = own.shape[1]
-        torch.testing.assert_close(together[b, :n], own[0], rtol=1e-5, atol=1e-6)
-        assert own[0].sum() > 0 and not together[b, n:].any()
+    assert len(together[1].token_ids) == 4 and len({len(o.token_ids) for o in together}) > 1  # different stops
+    for out, prompt in zip(together, prompts):
+        (own,) = decode([prompt])
+        assert out.token_ids == own.token_ids
+        torch.testing.assert_close(out.key_mass, own.key_mass, rtol=1e-5, atol=1e-6)
+        assert own.key_mass.sum() > 0
+    assert engine.pool.pages_in_use == 0
 
 
 def test_a_bad_request_refuses_the_whole_batch_before_any_work(engine, alone):
     steps = engine.stats.decode_steps
     with pytest.raises(InputError, match="nope.png"):
         engine.generate_batch([REQUESTS[0], [{"role": "user", "content": [{"type": "image", "image": "nope.png"}]}]])
-    each_fits = SamplingParams(max_tokens=engine.pool.capacity_tokens // 2, temperature=0.0)  # but not both
-    with pytest.raises(InputError, match="tokens of KV cache"):
-        engine.generate_batch(REQUESTS[:2], each_fits)
     assert engine.stats.decode_steps == steps and engine.pool.pages_in_use == 0
     assert engine.generate_batch(REQUESTS[:2], GREEDY)[1].token_ids == alone[1]
     assert engine.generate_batch([], GREEDY) == []
+    assert engine.pool.pages_in_use == 0
+
+
+def test_requests_that_fit_one_at_a_time_wait_for_each_other(tiny_8b):
+    small = Engine.from_pretrained(tiny_8b, device="cpu", dtype="float32", kv_cache_tokens=128)
+    each_fits = SamplingParams(max_tokens=small.pool.capacity_tokens // 2, temperature=0.0, ignore_eos=True)
+    outs = small.generate_batch([REQUESTS[0], REQUESTS[4]], each_fits)  # not both at once: the second waits
+    assert [len(o.token_ids) for o in outs] == [each_fits.max_tokens] * 2
+    assert outs[1].timings.queue_s > outs[0].timings.queue_s
+    assert small.pool.pages_in_use == 0
 
 
 def batch_tokens_by_backend(checkpoint: Path, device: str) -> dict:

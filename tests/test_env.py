@@ -26,8 +26,8 @@ def test_a_bad_switch_names_the_variable(monkeypatch):
 
 def test_engines_take_the_cuda_graphs_setting_unless_told(monkeypatch, tiny_2b):
     monkeypatch.setenv("TANDEM_CUDA_GRAPHS", "0")
-    assert Engine.from_pretrained(tiny_2b, device="cpu", kv_cache_tokens=256).decoder.cuda_graphs is False
-    assert Engine.from_pretrained(tiny_2b, device="cpu", kv_cache_tokens=256, cuda_graphs=True).decoder.cuda_graphs
+    assert Engine.from_pretrained(tiny_2b, device="cpu", kv_cache_tokens=256).runner.cuda_graphs is False
+    assert Engine.from_pretrained(tiny_2b, device="cpu", kv_cache_tokens=256, cuda_graphs=True).runner.cuda_graphs
 
 
 def test_cache_dir_follows_xdg(monkeypatch, tmp_path):

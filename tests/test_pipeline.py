@@ -63,7 +63,8 @@ def test_every_policy_runs_and_releases_its_pages(pair, image, policy, keep):
     assert pages_in_use(pair) == 0
     data = json.loads(result.to_json())
     assert data["policy"] == policy and len(data["stages"]) == len(result.stages)
-    assert data["timings"]["total_s"] >= data["timings"]["decode_s"] > 0
+    assert data["timings"]["decode_s"] > 0  # a sum over stages, which may overlap: each fits in the total
+    assert all(data["timings"]["total_s"] >= stage["decode_s"] for stage in data["stages"])
 
 
 @pytest.mark.parametrize("keep", ["all", "attention"])
@@ -127,12 +128,12 @@ def test_verify_runs_the_transfer_stage_when_the_answers_disagree(pair, image):
 
 
 def test_a_request_that_fails_midway_releases_every_page(tiny_8b, tiny_2b, image):
-    """The large model's cache holds its prefix and short answer but not the transfer suffix: verify fails at
-    its third stage, after pages were taken in both models."""
+    """The large model's cache holds its prefix and short answer but not the transfer suffix: verify is refused
+    before any work (a prefix is admitted only with room for its largest stage), naming the cache's numbers."""
     large = Engine.from_pretrained(tiny_8b, device="cpu", kv_cache_tokens=192)
     small = Engine.from_pretrained(tiny_2b, device="cpu", kv_cache_tokens=2048)
     t = Tandem(large, small, budget=Budget(short_tokens=6, reason_tokens=100))
-    with pytest.raises(InputError, match="tokens of KV cache"):
+    with pytest.raises(InputError, match="the prompt and the stages after it need .* tokens of KV cache"):
         t.answer(image, QUESTION, policy="verify")
     assert pages_in_use(t) == 0
     assert len(t.answer(image, QUESTION, policy="large").stages) == 1  # still usable
@@ -199,7 +200,7 @@ def test_a_pair_with_different_tokenizers_is_refused(tiny_8b, tiny_2b, tmp_path)
 
 
 def test_overlapped_verify_gives_the_sequential_result(engines, image):
-    """verify's first two stages on two threads (two CUDA streams on a GPU) produce what they do one after the other."""
+    """verify's first two stages at once, each in its engine's loop, produce what they do one after the other."""
     sequential = Tandem(*engines, budget=BUDGET, overlap=False).answer(image, QUESTION, policy="verify", keep="attention")
     overlapped = Tandem(*engines, budget=BUDGET, overlap=True).answer(image, QUESTION, policy="verify", keep="attention")
     assert [s.output_ids for s in overlapped.stages] == [s.output_ids for s in sequential.stages]
@@ -207,20 +208,25 @@ def test_overlapped_verify_gives_the_sequential_result(engines, image):
     assert sum(e.pool.pages_in_use for e in engines) == 0
 
 
-def test_overlap_needs_two_engines(engines):
-    with pytest.raises(InputError, match="overlap needs two engines"):
-        Tandem(engines[0], engines[0], overlap=True)
+def test_one_engine_can_play_both_models(engines, image):
+    """A pair of one engine (large is small): its verify stages share that engine's batch, overlapped or not."""
+    one = Tandem(engines[0], engines[0], budget=BUDGET)
+    overlapped = one.answer(image, QUESTION, policy="verify", keep="attention")
+    one.overlap = False
+    sequential = one.answer(image, QUESTION, policy="verify", keep="attention")
+    assert [s.output_ids for s in overlapped.stages] == [s.output_ids for s in sequential.stages]
+    assert engines[0].pool.pages_in_use == 0
 
 
 def test_each_stage_streams_its_text_as_it_decodes(pair, image):
-    """on_text receives every stage's text, piece by piece, in the order the stages ran (one after the other on
-    the CPU): joined per stage, the pieces are that stage's text, stop token excluded."""
+    """on_text receives every stage's text, piece by piece (verify's two first stages at once): joined per stage,
+    the pieces are that stage's text, stop token excluded."""
     pieces = []
     result = pair.answer(image, QUESTION, policy="verify", on_text=lambda *piece: pieces.append(piece))
     streamed = {}
     for model, role, text in pieces:
         streamed[model, role] = streamed.get((model, role), "") + text
-    assert list(streamed) == [(s.model, s.role) for s in result.stages]
+    assert sorted(streamed) == sorted((s.model, s.role) for s in result.stages)
     assert all(streamed[s.model, s.role] == s.text for s in result.stages)
     assert len(pieces) > len(result.stages)  # piece by piece, not a stage at a time
     with pytest.raises(InputError, match="on_text must be callable, got str"):

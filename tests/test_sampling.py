@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tandem.models.errors import InputError
-from tandem.runtime.sampling import SamplingParams, checkpoint_defaults, sample
+from tandem.runtime.sampling import SamplingParams, SamplingRows, checkpoint_defaults, gumbel_noise, sample, seed_key
 
 
 def reference_support(logits: list[float], top_k: int, top_p: float) -> set[int]:
@@ -24,12 +24,21 @@ def reference_support(logits: list[float], top_k: int, top_p: float) -> set[int]
     return set(kept)
 
 
+def draw(logits: torch.Tensor, params: SamplingParams | list[SamplingParams], seeds=0, steps=0) -> torch.Tensor:
+    """One draw per row of logits [B, vocab]; params, seeds and steps: one for every row, or one per row."""
+    rows = logits.shape[0]
+    params = params if isinstance(params, list) else [params] * rows
+    seeds = seeds if isinstance(seeds, list) else [seeds] * rows
+    steps = steps if isinstance(steps, list) else [steps] * rows
+    return sample(logits, SamplingRows.of(params, [seed_key(s) for s in seeds], steps, logits.shape[1],
+                                          logits.device))
+
+
 @pytest.mark.parametrize("top_k,top_p", [(0, 0.5), (5, 1.0), (3, 0.9), (0, 0.999), (1, 1.0)])
 def test_draws_stay_in_the_reference_support(top_k, top_p):
-    gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(1, 37, generator=gen) * 2
+    logits = torch.randn(1, 37, generator=torch.Generator().manual_seed(0)) * 2
     params = SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p)
-    draws = {int(sample(logits, params, gen)) for _ in range(400)}
+    draws = set(draw(logits.expand(400, 37), params, steps=list(range(400))).tolist())
     support = reference_support(logits[0].tolist(), top_k, top_p)
     assert draws <= support
     assert len(draws) >= min(len(support), 2)  # it really samples when more than one token is allowed
@@ -37,12 +46,12 @@ def test_draws_stay_in_the_reference_support(top_k, top_p):
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 0.8), (1.3, 8, 1.0), (1.0, 12, 0.7)])
 def test_draws_follow_the_filtered_softmax(temperature, top_k, top_p):
-    """A chi-square goodness-of-fit test with fixed seeds: 40,000 draws (rows of one call, each drawn on its own)
-    against the softmax of the temperature-scaled logits over the reference support, computed in float64."""
+    """A chi-square goodness-of-fit test with fixed seeds: 40,000 draws (one request's steps 0..39,999) against
+    the softmax of the temperature-scaled logits over the reference support, computed in float64."""
     vocab, draws = 50, 40_000
     logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(3)) * 1.5
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
-    tokens = sample(logits.expand(draws, vocab).contiguous(), params, torch.Generator().manual_seed(11))
+    tokens = draw(logits.expand(draws, vocab), params, seeds=11, steps=list(range(draws)))
     counts = torch.bincount(tokens, minlength=vocab).double()
     scaled = logits[0].double() / temperature
     support = sorted(reference_support(scaled.tolist(), top_k, top_p))
@@ -54,29 +63,57 @@ def test_draws_follow_the_filtered_softmax(temperature, top_k, top_p):
     assert len(support) > 3 and p_value > 1e-3, (len(support), statistic.item(), p_value)
 
 
+def test_a_row_draws_the_same_alone_or_in_any_batch():
+    """Each row's noise and filters are its own: a seeded request draws the same token at the same step whatever
+    else is in the batch (greedy rows, other filters, other seeds, the whole-row top-p path)."""
+    logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(4)) * 2
+    params = [SamplingParams(temperature=0.0, top_k=0, top_p=1.0), SamplingParams(temperature=1.0, top_k=5, top_p=0.9),
+              SamplingParams(temperature=0.7, top_k=0, top_p=0.8), SamplingParams(temperature=1.3, top_k=0, top_p=1.0),
+              SamplingParams(temperature=0.9, top_k=40, top_p=1.0), SamplingParams(temperature=1.0, top_k=2, top_p=0.5)]
+    for step in range(20):
+        together = draw(logits, params, seeds=list(range(6)), steps=step)
+        alone = [draw(logits[i : i + 1], params[i], seeds=i, steps=step).item() for i in range(6)]
+        assert together.tolist() == alone
+        assert together[0] == logits[0].argmax()
+
+
 def test_greedy_is_argmax_and_seeded_sampling_repeats():
     logits = torch.randn(4, 100, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(sample(logits, SamplingParams(temperature=0.0), None), logits.argmax(-1))
+    assert torch.equal(draw(logits, SamplingParams(temperature=0.0, top_k=0, top_p=1.0)), logits.argmax(-1))
     params = SamplingParams(temperature=0.8, top_p=0.9, top_k=20)
-    a = sample(logits, params, torch.Generator().manual_seed(7))
-    b = sample(logits, params, torch.Generator().manual_seed(7))
-    assert torch.equal(a, b)
+    a = draw(logits, params, seeds=7, steps=[0, 1, 2, 3])
+    assert torch.equal(a, draw(logits, params, seeds=7, steps=[0, 1, 2, 3]))
+    others = [draw(logits, params, seeds=seed, steps=[0, 1, 2, 3]) for seed in range(8, 16)]
+    assert any(not torch.equal(a, b) for b in others)  # another seed, other draws
 
 
 def test_temperature_sharpens_towards_argmax():
     logits = torch.tensor([[1.0, 2.0, 1.5]])
-    gen = torch.Generator().manual_seed(0)
-    draws = [int(sample(logits, SamplingParams(temperature=0.05, top_k=0, top_p=1.0), gen)) for _ in range(200)]
-    assert draws.count(1) >= 195
+    draws = draw(logits.expand(200, 3), SamplingParams(temperature=0.05, top_k=0, top_p=1.0), steps=list(range(200)))
+    assert draws.tolist().count(1) >= 195
 
 
 @pytest.mark.parametrize("temperature", [1e-40, 1e-6])
 def test_a_temperature_too_small_for_float32_decodes_greedily(temperature):
-    """logits / 1e-40 overflows float32 (torch's multinomial then refuses inf); under 1e-5 the draw is the argmax."""
+    """logits / 1e-40 overflows float32; under 1e-5 the draw is the argmax."""
     logits = torch.randn(4, 1000, generator=torch.Generator().manual_seed(2)) * 5
     params = SamplingParams(temperature=temperature, top_p=0.9).resolve(SamplingParams(temperature=1.0, top_p=1.0, top_k=0))
     assert params.temperature == 0.0
-    assert torch.equal(sample(logits, params, torch.Generator().manual_seed(0)), logits.argmax(-1))
+    assert torch.equal(draw(logits, params), logits.argmax(-1))
+
+
+def test_the_noise_is_uniform_enough_for_its_gumbel():
+    """The counter-based noise behind every draw: its 24-bit uniforms spread evenly over (0, 1) (a chi-square over
+    64 bins), and neighbouring token ids and steps are uncorrelated."""
+    ids = torch.arange(100_000).expand(2, -1)
+    noise = gumbel_noise(torch.tensor([seed_key(1), seed_key(2)]), torch.tensor([0, 0]), ids)
+    uniform = torch.exp(-torch.exp(-noise.double()))  # the Gumbel's CDF gives the uniform back
+    counts = torch.histc(uniform[0], bins=64, min=0, max=1)
+    expected = uniform.shape[1] / 64
+    statistic = ((counts.double() - expected) ** 2 / expected).sum()
+    assert torch.special.gammaincc(torch.tensor(31.5, dtype=torch.float64), statistic / 2) > 1e-3
+    assert abs(torch.corrcoef(uniform)[0, 1]) < 0.02  # two seeds
+    assert abs(torch.corrcoef(torch.stack([uniform[0, :-1], uniform[0, 1:]]))[0, 1]) < 0.02  # neighbouring ids
 
 
 @pytest.mark.parametrize("field,value", [("max_tokens", 0), ("temperature", -1.0), ("temperature", float("nan")),

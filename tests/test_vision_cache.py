@@ -8,13 +8,12 @@ import torch
 
 from tandem.models.config import VisionConfig
 from tandem.models.vision import VisionEncoder
-from tandem.runtime.engine import VisionFeatures
-from tandem.runtime.vision_cache import VisionCache, image_digest, tower_fingerprint
+from tandem.runtime.vision_cache import VisionCache, VisionFeatures, image_digest, tower_fingerprint
 
 
 def features(tokens: int) -> VisionFeatures:
     """tokens x 8 float32 embeds plus one DeepStack feature: 64 bytes per token."""
-    return VisionFeatures(torch.zeros(tokens, 8), [torch.zeros(tokens, 8)], [(1, 2, 2 * tokens)], 2)
+    return VisionFeatures(torch.zeros(tokens, 8), [torch.zeros(tokens, 8)], tokens)
 
 
 def test_lru_eviction_by_bytes_and_counts():

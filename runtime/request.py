@@ -1,0 +1,287 @@
+"""A request, and the handle its caller holds.
+
+The Request carries its own state, as the engines people study do: its prompt and params, its KV pages, where it
+stands, the tokens so far. Only the engine's loop thread changes it. The RequestHandle is the caller's side:
+result() / stream() / abort() and their asyncio twins. The loop thread publishes tokens and the outcome through
+the handle's condition variable, and wakes asyncio waiters through their own event loops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from tandem.models.errors import InputError
+from tandem.models.tokenizer import IncrementalDetokenizer, Tokenizer
+from tandem.runtime.kv_cache import Sequence
+from tandem.runtime.sampling import SamplingParams
+
+
+class QueueFullError(InputError):
+    """The engine's waiting queue is at its limit (EngineConfig.max_waiting): try again later."""
+
+
+class RequestAborted(Exception):
+    """The request was aborted before it finished (abort(), a closed stream, a cancelled task)."""
+
+
+@dataclass
+class Timings:
+    """Seconds per phase of one request, and its token counts. Device phases are timed on the device (CUDA events)
+    or after the device finished (CPU); first_token_s and decode_s are when the host had the tokens."""
+
+    queue_s: float = 0.0  # submission to admission (waiting for a place in the batch and for cache pages)
+    vision_s: float = 0.0  # image preprocessing and the vision encoder (0 when the vision cache had the image)
+    prefill_s: float = 0.0  # the prompt's forward passes, up to the first sampled token
+    first_token_s: float = 0.0  # submission to the first token on the host: what a user waits for
+    decode_s: float = 0.0  # the first token on the host to the last one
+    prompt_tokens: int = 0
+    image_tokens: int = 0
+    output_tokens: int = 0
+    decode_steps: int = 0  # decode steps this request was fed in, steps past its stop included
+
+    @property
+    def decode_ms_per_token(self) -> float:
+        steps = self.output_tokens - 1  # the first token comes out of prefill
+        return 1000 * self.decode_s / steps if steps > 0 else 0.0
+
+
+@dataclass
+class GenerateOutput:
+    text: str
+    token_ids: list[int]  # the generated ids, including the stop token when one ended generation
+    finish_reason: str  # "stop" (a stop token) or "length" (max_tokens reached)
+    timings: Timings
+    key_mass: torch.Tensor | None = None  # with key_mass: [output tokens, stop token excluded] float32 on the device
+
+
+@dataclass
+class Prefill:
+    """The outcome of a request that only prefills: a pair's prefix (its sequence, handed over), or prompt logits."""
+
+    seq: Sequence | None
+    logits: torch.Tensor | None  # [prompt, vocab] float32, with prompt_logits
+    timings: Timings
+    vision_cache_hit: bool | None
+
+
+@dataclass
+class Prompt:
+    """A request ready for the model: expanded token ids, decoded images and the M-RoPE positions (built on the
+    caller's thread by Engine.prepare; the device work is the engine loop's)."""
+
+    token_ids: list[int] | torch.Tensor  # a device tensor for a pair stage's suffix (no images there)
+    images: list[torch.Tensor]  # decoded uint8 [3, H, W] on the CPU, in order
+    digests: list[str]  # each image's content hash: the vision cache's key
+    grids: list[tuple[int, int, int]]  # (t, h, w) in patches, per image
+    positions: torch.Tensor  # [3, len(token_ids)]
+    rope_delta: int  # generated token i (counting the prompt) sits at position i + rope_delta
+    image_tokens: int = 0
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+
+class Phase(Enum):
+    WAITING = "waiting"  # queued: no pages yet
+    PREFILL = "prefill"  # pages reserved; prompt chunks being prefilled
+    DECODE = "decode"  # in the decode batch
+    DONE = "done"
+
+
+_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Request:
+    """One unit of work for an engine. params None: prefill only (a pair's prefix, or prompt logits)."""
+
+    prompt: Prompt
+    params: SamplingParams | None
+    stop_ids: frozenset[int]
+    seed: int  # the sampler's key: params.seed, or drawn at submission
+    parent: Sequence | None = None  # continue this sequence's pages (a pair stage forks its model's prefix)
+    keep_sequence: bool = False  # hand the prefilled sequence to the caller (a prefix) instead of releasing it
+    prompt_logits: bool = False  # keep the logits of every prompt position
+    key_mass: bool = False  # add up the attention each cached key receives during decode
+    ready: object = None  # a CUDA event the prompt's device tensors wait for (they come from another stream)
+    headroom: int = 0  # pages that must stay free once it is admitted (a prefix's room for its stages)
+    id: int = field(default_factory=lambda: next(_ids))
+    # The loop's state
+    phase: Phase = Phase.WAITING
+    seq: Sequence | None = None
+    prefilled: int = 0  # prompt tokens prefilled so far
+    vision: object = None  # the prompt's VisionFeatures once encoded
+    next_token: torch.Tensor | None = None  # [1] on the device: the first token, until the decode batch takes it
+    fed: int = 0  # decode steps launched with this request
+    tokens: list[int] = field(default_factory=list)  # generated ids the host has read
+    mass: torch.Tensor | None = None  # [prompt + max_tokens] float32 on the device, with key_mass
+    logits: list[torch.Tensor] = field(default_factory=list)  # prompt logits per chunk, with prompt_logits
+    timings: Timings = field(default_factory=Timings)
+    spans: list = field(default_factory=list)  # (Timings field, a device-timed span) to add up at the end
+    submitted: float = field(default_factory=time.perf_counter)
+    first_read: float = 0.0  # when the host read the first token
+    vision_cache_hit: bool | None = None  # were all its images' features cached?
+    handle: RequestHandle | None = None
+
+    @property
+    def max_tokens(self) -> int:
+        return 0 if self.params is None else self.params.max_tokens
+
+    @property
+    def total_tokens(self) -> int:
+        """Cache slots this request may fill: its prompt (after its parent's tokens) and every fed token."""
+        return (self.parent.length if self.parent else 0) + len(self.prompt) + max(self.max_tokens - 1, 0)
+
+
+class RequestHandle:
+    """The caller's view of a submitted request. Thread-safe; asyncio-safe through the *_async methods.
+
+    Dropping the handle, closing or dropping a stream, or cancelling an awaiting task aborts the request: it
+    leaves the batch at the engine's next step and its pages are freed."""
+
+    def __init__(self, request: Request, tokenizer: Tokenizer, abort: Callable[[int], None]):
+        self.request_id = request.id
+        self._tokenizer, self._abort, self._prompt_ids = tokenizer, abort, request.prompt.token_ids
+        self._stop_ids = request.stop_ids
+        self._cond = threading.Condition()
+        self._tokens: list[int] = []
+        self._done = False
+        self._value: object = None  # the outcome: GenerateOutput, a Sequence (prefix), logits, or an exception
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._finalizer = weakref.finalize(self, abort, request.id)  # a dropped handle aborts its request
+
+    # ---- the loop's side --------------------------------------------------------------------------------------
+    def publish(self, tokens: list[int]) -> None:
+        with self._cond:
+            self._tokens += tokens
+            self._wake()
+
+    def finish(self, value: object) -> None:
+        """The outcome (an exception for a failed or aborted request); wakes every waiter."""
+        with self._cond:
+            self._done, self._value = True, value
+            self._wake()
+        self._finalizer.detach()
+
+    def _wake(self) -> None:
+        self._cond.notify_all()
+        for loop, event in self._waiters:
+            loop.call_soon_threadsafe(event.set)
+
+    # ---- the caller's side ----------------------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def abort(self) -> None:
+        """Stop the request; a waiting result() then raises RequestAborted. No effect once it has finished."""
+        if not self._done:
+            self._abort(self.request_id)
+
+    def result(self, timeout: float | None = None):
+        """Wait for the outcome (a GenerateOutput for a generation). An interrupt while waiting (Ctrl-C) aborts the
+        request before it propagates."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            with self._cond:
+                while not self._done:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise TimeoutError(f"request {self.request_id} did not finish within {timeout} s")
+                    self._cond.wait(left)
+        except BaseException:
+            self.abort()
+            raise
+        return self._outcome()
+
+    def stream(self) -> Iterator[str]:
+        """The reply's text, piece by piece as the tokens arrive (never half a UTF-8 character; the stop token
+        not included). Closing the iterator early aborts the request."""
+        detok = IncrementalDetokenizer(self._tokenizer, self._prompt_ids if isinstance(self._prompt_ids, list) else [])
+        seen = 0
+        try:
+            while True:
+                with self._cond:
+                    while len(self._tokens) == seen and not self._done:
+                        self._cond.wait()
+                    new, done = self._tokens[seen:], self._done
+                seen += len(new)
+                yield from self._pieces(detok, new)
+                if done and seen == len(self._tokens):
+                    break
+            self._outcome()  # an error raises here, after the text that came before it
+            tail = detok.flush()
+            if tail:
+                yield tail
+        finally:
+            self.abort()
+
+    async def result_async(self):
+        """result() for asyncio: cancelling the awaiting task aborts the request."""
+        event = self._register()
+        try:
+            while not self._done:
+                await event.wait()
+                event.clear()
+        except BaseException:
+            self.abort()
+            raise
+        finally:
+            self._unregister(event)
+        return self._outcome()
+
+    async def stream_async(self) -> AsyncIterator[str]:
+        detok = IncrementalDetokenizer(self._tokenizer, self._prompt_ids if isinstance(self._prompt_ids, list) else [])
+        event, seen = self._register(), 0
+        try:
+            while True:
+                new, done = self._tokens[seen:], self._done  # list reads are atomic under the GIL
+                seen += len(new)
+                for piece in self._pieces(detok, new):
+                    yield piece
+                if done and seen == len(self._tokens):
+                    break
+                if not new:
+                    await event.wait()
+                    event.clear()
+            self._outcome()
+            tail = detok.flush()
+            if tail:
+                yield tail
+        finally:
+            self._unregister(event)
+            self.abort()
+
+    def _pieces(self, detok: IncrementalDetokenizer, tokens: list[int]) -> Iterator[str]:
+        for token in tokens:
+            if token in self._stop_ids:
+                return
+            piece = detok.add(token)
+            if piece:
+                yield piece
+
+    def _register(self) -> asyncio.Event:
+        event = asyncio.Event()
+        with self._cond:
+            self._waiters.append((asyncio.get_running_loop(), event))
+            if self._tokens or self._done:
+                event.set()
+        return event
+
+    def _unregister(self, event: asyncio.Event) -> None:
+        with self._cond:
+            self._waiters = [(loop, e) for loop, e in self._waiters if e is not event]
+
+    def _outcome(self):
+        if isinstance(self._value, BaseException):
+            raise self._value
+        return self._value
