@@ -14,7 +14,6 @@ import argparse
 import math
 import sys
 from collections.abc import Callable
-from contextlib import closing
 from importlib import resources
 from importlib.metadata import entry_points, version
 from pathlib import Path
@@ -24,11 +23,11 @@ from tandem.kernels.backend import implementation
 from tandem.models.errors import InputError, TandemError
 from tandem.models.hub import resolve_checkpoint
 from tandem.models.image import load_image
-from tandem.models.tokenizer import IncrementalDetokenizer
 from tandem.runtime.cli_output import StageText, console, format_result, format_timings, generate_json, loading
-from tandem.runtime.engine import (CPU_KV_TOKENS, DEFAULT_PAGE_SIZE, DTYPES, Engine, GenerateOutput, Prompt, Timings,
-                                   parse_device, parse_dtype)
-from tandem.runtime.pipeline import POLICIES, Budget, Tandem, _shared_kv_tokens
+from tandem.runtime.config import CPU_KV_TOKENS, DEFAULT_PAGE_SIZE, DTYPES, parse_device, parse_dtype
+from tandem.runtime.engine import Engine
+from tandem.runtime.pipeline import POLICIES, Budget, Tandem, shared_kv_tokens
+from tandem.runtime.request import GenerateOutput, RequestHandle
 from tandem.runtime.sampling import SamplingParams
 from tandem.runtime.selection import DEFAULT_DELTA, KEEP_MODES
 
@@ -271,9 +270,8 @@ def _run_generate(args: argparse.Namespace, settings: dict, model: str, images: 
                               top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
     engine = _load("model", model, resolve_checkpoint(model), settings)
     content = [{"type": "image", "image": image} for image in images] + [{"type": "text", "text": args.prompt}]
-    params = engine.resolve(sampling)
-    request = engine.prepare([{"role": "user", "content": content}], max_tokens=params.max_tokens)
-    out = _reply(engine, request, params, lambda piece: console.write(piece, err=args.json))
+    handle = engine.submit([{"role": "user", "content": content}], sampling)
+    out = _reply(handle, lambda piece: console.write(piece, err=args.json))
     if args.json:
         console.end_line(err=True)
         console.write(generate_json(out) + "\n")
@@ -283,32 +281,22 @@ def _run_generate(args: argparse.Namespace, settings: dict, model: str, images: 
         console.write(f"\n[{out.finish_reason}] {format_timings(out.timings)}  ({engine.device}, {dtype})\n")
 
 
-def _reply(engine: Engine, request: Prompt, params: SamplingParams, on_text: Callable[[str], None]
-           ) -> GenerateOutput:
-    """The whole output, each piece of its text passed to on_text as it is decoded. Engine.stream yields the text
-    alone; this runs the same token loop keeping the ids and timings (until the engine's stream exposes them)."""
-    timings, ids = Timings(), []
-    stop_ids = engine.stop_ids(params)
-    detok = IncrementalDetokenizer(engine.tokenizer, request.token_ids)
-    with closing(engine._token_chunks([request], params, [timings])) as steps:  # closing: Ctrl-C frees the pages now
-        for (chunk,) in steps:
-            ids += chunk
-            for token in chunk:
-                on_text("" if token in stop_ids else detok.add(token))
-    on_text(detok.flush())
-    text_ids, finished = engine.without_stop(ids, params)
-    return GenerateOutput(engine.tokenizer.decode(text_ids), ids, "stop" if finished else "length", timings)
+def _reply(handle: RequestHandle, on_text: Callable[[str], None]) -> GenerateOutput:
+    """The whole output, each piece of its text passed to on_text as it is decoded (Ctrl-C aborts the request)."""
+    for piece in handle.stream():
+        on_text(piece)
+    return handle.result()
 
 
 def _run_pair(args: argparse.Namespace, settings: dict, large: str, small: str, image, question: str) -> None:
     budget = Budget(short_tokens=args.short_tokens, reason_tokens=args.reason_tokens, ignore_eos=args.ignore_eos)
     paths = {"large": resolve_checkpoint(large), "small": resolve_checkpoint(small)}  # both, before either loads
     if args.kv_cache_tokens is None:  # the two caches share one device's memory
-        settings = {**settings, "kv_cache_tokens": _shared_kv_tokens(list(paths.values()), settings["device"],
+        settings = {**settings, "kv_cache_tokens": shared_kv_tokens(list(paths.values()), settings["device"],
                                                                      settings["dtype"])}
     engines = [_load(role, given, paths[role], settings) for role, given in (("large", large), ("small", small))]
     pair = Tandem(*engines, budget=budget)
-    stages = StageText(overlapped=pair.overlap)
+    stages = StageText(overlapped=pair.overlap and args.policy == "verify")  # only verify runs two stages at once
     try:
         result = pair.answer(image, question, policy=args.policy, keep=args.keep, delta=args.delta, on_text=stages)
     finally:

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
-from tandem.runtime.engine import GenerateOutput, Timings
+from tandem.runtime.request import GenerateOutput, Timings
 from tandem.runtime.pipeline import TandemResult
 
 
@@ -73,8 +73,8 @@ def loading(role: str, given: str, path: Path) -> Iterator[None]:
 class StageText:
     """The pair's on_text callback: each stage's text on stderr as it is decoded, after a `[model role]` header.
 
-    With verify's overlap two stages decode at once, from two threads, and their pieces would interleave mid-line:
-    then each stage's text is held until a line is complete and printed as a whole line, prefixed `[model role]`.
+    With verify's overlap two stages decode at once and their pieces would interleave mid-line: then each stage's
+    text is held until a line is complete and printed as a whole line, prefixed `[model role]`.
     """
 
     def __init__(self, overlapped: bool):

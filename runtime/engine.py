@@ -9,12 +9,13 @@ handles learn the outcome. Calls from many threads, and asyncio tasks, share one
 
 from __future__ import annotations
 
-import asyncio
+import atexit
 import contextlib
 import numbers
 import random
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from tandem.runtime.sampling import SamplingParams, checkpoint_defaults
 from tandem.runtime.scheduler import Scheduler
 from tandem.runtime.vision_cache import VisionCache, encode, image_digest, tower_fingerprint
 
+IDLE_POLL_S = 0.05  # an idle loop looks at its inbox at least this often
 Messages = list[dict] | str  # chat messages, or one user message's text
 TokenIds = list[int] | torch.Tensor | np.ndarray  # one 1-D sequence of integer ids
 
@@ -66,8 +68,9 @@ class Engine:
         # ahead, none.
         self.stats = EngineStats()
         self._inbox: deque = deque()  # ("add", Request) / ("abort", request id), from any thread
-        self._wake = threading.Condition()
+        self._wake = threading.Event()  # set by every post; the loop also looks at the inbox every IDLE_POLL_S
         self._thread: threading.Thread | None = None
+        self._starting = threading.Lock()  # one loop thread, whichever caller starts it
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._readout = Readout(self.device, lag=1 if self.device.type == "cuda" else 0)
         self._requests: dict[int, Request] = {}  # every request in the loop's hands, by id
@@ -169,6 +172,16 @@ class Engine:
     def abort(self, request_id: int) -> None:
         """Stop a request: it leaves the batch at the next step and its pages are freed. Safe from any thread."""
         self._post(("abort", request_id))
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the loop: every request in flight ends with RequestAborted. (At exit every engine is closed, so no
+        device work runs while the interpreter shuts down.) A later submission starts the loop again."""
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            return
+        self._inbox.append(("close", None))
+        self._wake.set()
+        thread.join(timeout)
 
     def prompt_logits(self, prompt: Prompt) -> torch.Tensor:
         """Logits [len(prompt), vocab] (float32) at every prompt position."""
@@ -276,11 +289,12 @@ class Engine:
         held = len(parent.pages) if parent is not None else 0
         pages = -(-total // size) - (parent.length // size if parent is not None else 0) + headroom
         if pages > self.pool.num_pages - held:
-            what = "prompt + max_tokens" if not headroom else "the prompt and the stages after it"
-            raise CacheFullError(
-                f"{what} need {pages * size} tokens of KV cache ({pages} pages of {size}), more than the "
-                f"{(self.pool.num_pages - held) * size} the cache's capacity of {self.pool.capacity_tokens} leaves "
-                f"(raise kv_cache_tokens (--kv-cache-tokens) or lower max_tokens)")
+            what = "the prompt and the stages after it need" if headroom else "prompt + max_tokens needs"
+            room = (f"the {(self.pool.num_pages - held) * size} the cache can give it (capacity "
+                    f"{self.pool.capacity_tokens} tokens, {held * size} of them held by the prefix it continues"
+                    if held else f"the cache holds (capacity {self.pool.capacity_tokens} tokens")
+            raise CacheFullError(f"{what} {pages * size} tokens of KV cache ({pages} pages of {size}), more than "
+                                 f"{room}; raise kv_cache_tokens (--kv-cache-tokens) or lower max_tokens)")
 
     def _check_ids(self, ids: TokenIds) -> list[int]:
         """prompt_token_ids as a list of ints: a list or tuple of ints, or a 1-D integer tensor or numpy array."""
@@ -318,12 +332,16 @@ class Engine:
         return request.handle
 
     def _post(self, message: tuple) -> None:
-        with self._wake:
-            self._inbox.append(message)
+        """Hand a message to the loop. No lock: deque.append is one step, so Ctrl-C in the caller's thread can
+        never leave a lock held or a message half-posted; a wake-up it loses costs the loop one IDLE_POLL_S."""
+        self._inbox.append(message)
+        with self._starting:
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name=f"tandem-engine-{id(self):x}", daemon=True)
-                self._thread.start()
-            self._wake.notify()
+                thread = threading.Thread(target=self._loop, name=f"tandem-engine-{id(self):x}", daemon=True)
+                thread.start()
+                self._thread = thread
+                _LIVE.add(self)
+        self._wake.set()
 
     # ---- the loop (the engine's thread) -----------------------------------------------------------------------
     def _loop(self) -> None:
@@ -332,6 +350,9 @@ class Engine:
             while True:
                 try:
                     self._step()
+                except _Closing:
+                    self._fail_all(RequestAborted("the engine was closed"))
+                    return
                 except BaseException as e:  # noqa: BLE001 - fails what is in flight; the engine stays usable
                     self._fail_all(e)
 
@@ -382,12 +403,15 @@ class Engine:
             self._read(requests, tokens)
 
     def _take_inbox(self, block: bool) -> None:
-        with self._wake:
-            while block and not self._inbox:
-                self._wake.wait()
-            messages = list(self._inbox)
-            self._inbox.clear()
+        while block and not self._inbox:
+            self._wake.wait(IDLE_POLL_S)
+            self._wake.clear()
+        messages = []
+        while self._inbox:
+            messages.append(self._inbox.popleft())
         for kind, value in messages:
+            if kind == "close":
+                raise _Closing
             if kind == "add":
                 self._requests[value.id] = value
                 self.scheduler.add(value)
@@ -482,6 +506,19 @@ class Engine:
         for request in list(self._requests.values()):
             with contextlib.suppress(Exception):
                 self._finish(request, error)
+
+
+class _Closing(Exception):
+    """Engine.close() reached the loop."""
+
+
+_LIVE: "weakref.WeakSet[Engine]" = weakref.WeakSet()  # engines whose loop has run: closed at exit
+
+
+@atexit.register
+def _close_all() -> None:
+    for engine in list(_LIVE):
+        engine.close(timeout=5.0)
 
 
 @dataclass

@@ -69,7 +69,7 @@ class PagePool:
 
     def allocate(self, n: int) -> list[int]:
         """n free pages, each with one reference. Callers record them in the same uninterrupted step, under `lock`."""
-        self._reclaim()
+        self.reclaim()
         if n > len(self._free):
             raise CacheFullError(
                 f"KV cache full: {n} more page(s) of {self.page_size} tokens needed, {len(self._free)} free "
@@ -98,12 +98,13 @@ class PagePool:
         with self.lock:
             self._holders[seq.key] = (weakref.ref(seq), seq.pages)
 
-    def _reclaim(self) -> None:
-        """Release the pages of sequences dropped without a release (the caller holds back Ctrl-C)."""
-        for key, (ref, pages) in list(self._holders.items()):
-            if ref() is None:
-                self.release(pages)
-                del self._holders[key]
+    def reclaim(self) -> None:
+        """Release the pages of sequences dropped without a release."""
+        with self.lock, uninterrupted():
+            for key, (ref, pages) in list(self._holders.items()):
+                if ref() is None:
+                    self.release(pages)
+                    del self._holders[key]
 
 
 class Sequence:

@@ -177,7 +177,7 @@ class Tandem:
         device = parse_device(device)
         large, small = resolve_checkpoint(large), resolve_checkpoint(small)
         if kv_cache_tokens is None:
-            kv_cache_tokens = _shared_kv_tokens([large, small], device, dtype)
+            kv_cache_tokens = shared_kv_tokens([large, small], device, dtype)
         engines = [Engine.from_pretrained(p, device, dtype, kv_cache_tokens=kv_cache_tokens, **settings)
                    for p in (large, small)]
         return cls(*engines, prompts=prompts, budget=budget, vision_cache_bytes=vision_cache_bytes, overlap=overlap)
@@ -389,12 +389,14 @@ class Tandem:
 
 
 async def _result(handle: RequestHandle, engine: Engine):
-    """handle.result_async(); if the awaiting task is cancelled just as a prefix was handed over, the prefix goes
-    back to its engine instead of being lost."""
+    """handle.result_async(). If the awaiting task is cancelled, the request is aborted; should the engine have
+    handed the prefix over before the abort reached it, the prefix goes back instead of being lost."""
     try:
         return await handle.result_async()
     except asyncio.CancelledError:
-        if handle.done and isinstance(handle._value, Prefill):
+        while not handle.done:  # the abort is on its way: the outcome comes within a step
+            await asyncio.sleep(0.001)
+        if isinstance(handle._value, Prefill) and handle._value.seq is not None:
             engine.release(handle._value.seq)
         raise
 
@@ -424,7 +426,7 @@ def _check_same_tokenizer(large: Engine, small: Engine) -> None:
     )
 
 
-def _shared_kv_tokens(checkpoints: list, device: torch.device, dtype) -> int:
+def shared_kv_tokens(checkpoints: list, device: torch.device, dtype) -> int:
     """KV tokens for each of the models: on CUDA an equal share of the memory their weights leave free."""
     if device.type != "cuda":
         return CPU_KV_TOKENS

@@ -146,36 +146,56 @@ class RequestHandle:
     """The caller's view of a submitted request. Thread-safe; asyncio-safe through the *_async methods.
 
     Dropping the handle, closing or dropping a stream, or cancelling an awaiting task aborts the request: it
-    leaves the batch at the engine's next step and its pages are freed."""
+    leaves the batch at the engine's next step and its pages are freed.
+
+    The loop thread appends tokens and sets the outcome (one step each under the GIL) and wakes waiters; a
+    waiting thread sleeps in a C-level lock acquire with a timeout, so Ctrl-C can never leave a Python-level
+    lock or condition half-changed, and a wake-up it loses costs at most WAKE_POLL_S."""
+
+    WAKE_POLL_S = 0.05
 
     def __init__(self, request: Request, tokenizer: Tokenizer, abort: Callable[[int], None]):
         self.request_id = request.id
         self._tokenizer, self._abort, self._prompt_ids = tokenizer, abort, request.prompt.token_ids
         self._stop_ids = request.stop_ids
-        self._cond = threading.Condition()
         self._tokens: list[int] = []
         self._done = False
-        self._value: object = None  # the outcome: GenerateOutput, a Sequence (prefix), logits, or an exception
+        self._value: object = None  # the outcome: GenerateOutput, Prefill, or an exception
+        self._signal = threading.Lock()  # released (once) by every change; waiters acquire it
+        self._signal.acquire()
+        self._lock = threading.Lock()  # guards _waiters
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self._finalizer = weakref.finalize(self, abort, request.id)  # a dropped handle aborts its request
+        self._finalizer.atexit = False
 
     # ---- the loop's side --------------------------------------------------------------------------------------
     def publish(self, tokens: list[int]) -> None:
-        with self._cond:
-            self._tokens += tokens
-            self._wake()
+        self._tokens += tokens
+        self._wake()
 
     def finish(self, value: object) -> None:
         """The outcome (an exception for a failed or aborted request); wakes every waiter."""
-        with self._cond:
-            self._done, self._value = True, value
-            self._wake()
+        self._value = value
+        self._done = True
+        self._wake()
         self._finalizer.detach()
 
     def _wake(self) -> None:
-        self._cond.notify_all()
-        for loop, event in self._waiters:
+        if self._signal.locked():
+            try:
+                self._signal.release()
+            except RuntimeError:  # released by a concurrent wake meanwhile
+                pass
+        with self._lock:
+            waiters = list(self._waiters)
+        for loop, event in waiters:
             loop.call_soon_threadsafe(event.set)
+
+    def _sleep(self, timeout: float | None) -> None:
+        """Until a change or `timeout` (never longer than WAKE_POLL_S): the caller then looks again."""
+        wait = self.WAKE_POLL_S if timeout is None else max(0.0, min(timeout, self.WAKE_POLL_S))
+        if self._signal.acquire(timeout=wait):
+            pass  # consumed: later changes release it again
 
     # ---- the caller's side ----------------------------------------------------------------------------------
     @property
@@ -192,12 +212,11 @@ class RequestHandle:
         request before it propagates."""
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            with self._cond:
-                while not self._done:
-                    left = None if deadline is None else deadline - time.monotonic()
-                    if left is not None and left <= 0:
-                        raise TimeoutError(f"request {self.request_id} did not finish within {timeout} s")
-                    self._cond.wait(left)
+            while not self._done:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"request {self.request_id} did not finish within {timeout} s")
+                self._sleep(left)
         except BaseException:
             self.abort()
             raise
@@ -210,14 +229,14 @@ class RequestHandle:
         seen = 0
         try:
             while True:
-                with self._cond:
-                    while len(self._tokens) == seen and not self._done:
-                        self._cond.wait()
-                    new, done = self._tokens[seen:], self._done
+                done = self._done  # read first: tokens published before the outcome are all there then
+                new = self._tokens[seen:]
                 seen += len(new)
                 yield from self._pieces(detok, new)
                 if done and seen == len(self._tokens):
                     break
+                if not new:
+                    self._sleep(None)
             self._outcome()  # an error raises here, after the text that came before it
             tail = detok.flush()
             if tail:
@@ -244,7 +263,8 @@ class RequestHandle:
         event, seen = self._register(), 0
         try:
             while True:
-                new, done = self._tokens[seen:], self._done  # list reads are atomic under the GIL
+                done = self._done
+                new = self._tokens[seen:]
                 seen += len(new)
                 for piece in self._pieces(detok, new):
                     yield piece
@@ -271,14 +291,14 @@ class RequestHandle:
 
     def _register(self) -> asyncio.Event:
         event = asyncio.Event()
-        with self._cond:
+        with self._lock:
             self._waiters.append((asyncio.get_running_loop(), event))
-            if self._tokens or self._done:
-                event.set()
+        if self._tokens or self._done:
+            event.set()
         return event
 
     def _unregister(self, event: asyncio.Event) -> None:
-        with self._cond:
+        with self._lock:
             self._waiters = [(loop, e) for loop, e in self._waiters if e is not event]
 
     def _outcome(self):

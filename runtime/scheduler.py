@@ -60,6 +60,8 @@ class Scheduler:
                 if len(self.prefilling) + len(self.decoding) >= self.config.max_running:
                     break
                 if self.pages_needed(request) + request.headroom > self.pool.free_pages:
+                    self.pool.reclaim()  # pages of sequences dropped without a release come back first
+                if self.pages_needed(request) + request.headroom > self.pool.free_pages:
                     break  # later requests of this kind do not overtake it
                 self._admit(request)
                 self.waiting.remove(request)

@@ -77,7 +77,7 @@ def test_too_long_for_the_cache_is_refused_before_any_work(tiny_2b, messages):
     needed = len(small.prepare(messages).token_ids) + 200
     pages = -(-needed // small.pool.page_size)
     with pytest.raises(InputError, match=rf"needs {pages * 16} tokens of KV cache \({pages} pages of 16\), more than "
-                                         r"the cache's capacity of 128"):
+                                         r"the cache holds \(capacity 128 tokens"):
         small.generate(messages, SamplingParams(max_tokens=200, temperature=0.0))
     assert small.pool.pages_in_use == 0
     assert len(small.generate([{"role": "user", "content": "hi"}], GREEDY).token_ids) == 12
