@@ -37,8 +37,8 @@ Columns:
   each of the B sequences; tokens/s = B / step; ratio = step / floor (a step reads the weights once, whatever B).
 - prefill: Timings.prefill_s of `generate(max_tokens=1)` on P random text ids; transformers: one forward of the same
   ids with use_cache=True and logits_to_keep=1.
-- vision: `Engine.encode_images` (the tower alone) on one square image preprocessed by Tandem (its preprocessing is
-  timed separately); transformers: `model.visual(pixel_values, grid_thw)` on the same pixels. First token, Tandem:
+- vision: the vision tower alone (`model.visual`, as the engine runs it) on one square image preprocessed by Tandem
+  (its preprocessing is timed separately); transformers: `model.visual(pixel_values, grid_thw)` on the same pixels. First token, Tandem:
   the synchronised wall time of `generate` with max_tokens=1 on the chat message (that image as an array + a
   one-line question): tokenization, preprocessing, vision encoder, prefill and the first sampled token.
 - policies: `Tandem(large, small, budget=Budget(short, reason, temperature=0, ignore_eos=True))`, every policy on one
@@ -47,7 +47,7 @@ Columns:
   verify also reports its verdict time (TandemResult.verdict_s: from the call to the agreement check, what the whole
   request costs when the answers agree; random models rarely agree, so the transfer stage usually runs after it),
   and runs a second time with its two first stages one after the other ("verify (sequential)"): the gain of
-  running them at once on two CUDA streams (on the CPU both rows run sequentially).
+  running them at once, each in its engine's loop (on a GPU, on two CUDA streams).
 - profile (tandem.bench.profiling): where the time goes, for a missed target. torch.profiler over
   profile_steps decode steps at batch 1 (with CUDA graphs and, on a GPU, without), and over one first-token request
   with one image of the policies' size: the top kernels (operators on the CPU) per step, device busy time vs wall.
@@ -85,7 +85,8 @@ from tandem.models.loader import load_model_from_state_dict
 from tandem.models.qwen3_vl import Qwen3VL
 from tandem.models.tiny import GENERATION_CONFIG, PRESETS, perturb_weights, write_support_files
 from tandem.models.tokenizer import Tokenizer
-from tandem.runtime.engine import DEFAULT_PAGE_SIZE, Engine, device_clock, parse_dtype
+from tandem.runtime.config import DEFAULT_PAGE_SIZE, EngineConfig, parse_dtype
+from tandem.runtime.engine import Engine, device_clock
 from tandem.runtime.kv_cache import PagePool
 from tandem.runtime.pipeline import POLICIES, Budget, Tandem
 from tandem.runtime.sampling import checkpoint_defaults
@@ -315,7 +316,7 @@ def build_models(preset: str, device: torch.device, dtype: torch.dtype, seed: in
     defaults, eos_ids = checkpoint_defaults(files)
     pool = PagePool(config.text, -(-kv_tokens // DEFAULT_PAGE_SIZE) + 2, DEFAULT_PAGE_SIZE, device, dtype)
     engine = Engine(model, Tokenizer.from_pretrained(files), ImageProcessorConfig.from_checkpoint(files), pool,
-                    defaults, eos_ids, kernel_backend)
+                    defaults, eos_ids, EngineConfig(kernel_backend=kernel_backend))
     parameters = sum(p.numel() for p in model.parameters())
     built = Built(preset, engine, hf if keep_hf else None, parameters,
                   sum(p.numel() * p.element_size() for p in model.parameters()), decode_weight_bytes(model))
@@ -602,7 +603,8 @@ def bench_vision(built: Built, s: BenchSettings, progress: Progress) -> dict:
             start = engine.now()
             inputs = preprocess_images([image], engine.image_config, device, dtype)
             mid = engine.now()
-            engine.encode_images(inputs)
+            with torch.inference_mode(), use_backend(s.kernel_backend):  # the tower alone, as the engine runs it
+                engine.model.visual(inputs.pixel_values, [tuple(g) for g in inputs.grid_thw.tolist()])
             end = engine.now()
             if i:
                 pre.append(mid - start)
@@ -650,7 +652,7 @@ def bench_profiles(built: Built, s: BenchSettings, progress: Progress) -> dict:
     ids = text_ids(s.decode_prompt_tokens, s.seed)
     decode = {}
     for name, graphs in (("cuda graphs", True), ("eager launches", False)):
-        if graphs and not engine.decoder.graphable():
+        if graphs and not engine.runner.graphable():
             continue
         decode[name] = profile_decode(engine, ids, s.profile_steps, graphs)
         progress.step(f"profile decode, {name}")

@@ -143,9 +143,9 @@ def _profile_tables(result: dict) -> list[str]:
     f = p["first_token"]
     h, w = p["image_size"]
     lines += [f"  first token, one {h}x{w} image ({f['image_tokens']} image tokens of {f['prompt_tokens']}) + a "
-              f"question: wall {f['wall_ms']:.2f} ms = prepare {f['prepare_ms']:.2f} (image preprocessing "
-              f"{f['preprocess_ms']:.2f}) + vision encoder {f['vision_encoder_ms']:.2f} + prefill and first sample "
-              f"{f['prefill_ms']:.2f} + the rest; busy {f['busy_ms']:.2f} ms", *_profile_rows(f["rows"], "request", what)]
+              f"question: wall {f['wall_ms']:.2f} ms = prepare {f['prepare_ms']:.2f} (template, tokens, image decoding) "
+              f"+ vision {f['vision_ms']:.2f} (preprocessing and encoder) + prefill {f['prefill_ms']:.2f} + the rest "
+              f"(queue, first sample, readout); busy {f['busy_ms']:.2f} ms", *_profile_rows(f["rows"], "request", what)]
     return lines
 
 
@@ -183,7 +183,7 @@ def _policy_table(result: dict) -> list[str]:
         lines.append(f"verify verdict (its whole cost when the answers agree): {verify['verdict_ms']:.1f} ms = "
                      f"{verify['verdict_ms'] / small['total_ms']:.3f} x small-reason's {small['total_ms']:.1f} ms")
     if verify and sequential and verify["verdict_ms"] and sequential["verdict_ms"]:
-        how = "two CUDA streams" if p["verify_overlap"] else "overlap off here: both rows sequential"
+        how = "each model's engine loop at once" if p["verify_overlap"] else "overlap off"
         lines.append(f"verify's first two stages at once ({how}): verdict {verify['verdict_ms']:.1f} ms vs "
                      f"{sequential['verdict_ms']:.1f} ms one after the other")
     return lines

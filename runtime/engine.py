@@ -185,7 +185,10 @@ class Engine:
 
     def prompt_logits(self, prompt: Prompt) -> torch.Tensor:
         """Logits [len(prompt), vocab] (float32) at every prompt position."""
-        return self._submit(prompt, None, prompt_logits=True).result().logits
+        done = self._submit(prompt, None, prompt_logits=True).result()
+        if done.ready is not None:
+            done.ready.synchronize()
+        return done.logits
 
     # ---- building blocks of the pair pipeline -----------------------------------------------------------------
     def submit_prefix(self, prompt: Prompt, stage_tokens: int = 0) -> RequestHandle:
@@ -482,9 +485,9 @@ class Engine:
             value = self._output(request)
         if request.seq is not None and not (request.keep_sequence and error is None):
             request.seq.release()
-        if request.prompt_logits or (isinstance(value, GenerateOutput) and value.key_mass is not None):
-            if self._stream is not None:  # device results are read on the caller's stream: let this one finish
-                self._stream.synchronize()
+        if self._stream is not None and (request.prompt_logits or request.key_mass):
+            value.ready = torch.cuda.Event()  # device results: the caller's stream waits for this one's work
+            value.ready.record(self._stream)
         request.handle.finish(value)
 
     def _output(self, request: Request) -> GenerateOutput:

@@ -262,6 +262,8 @@ class Tandem:
         stage, out = reasoning
         large = self.engines["large"]
         ids = out.token_ids[:-1] if out.finish_reason == "stop" else out.token_ids
+        if out.ready is not None:  # the key mass was summed on the small engine's stream
+            torch.cuda.current_stream(large.device).wait_event(out.ready)
         keep = torch.arange(len(ids)) if out.key_mass is None else select_key_tokens(out.key_mass, delta)
         before, after = self.prompts.transfer.split("{reasoning}")
         head = self._suffix_ids(request, "large", "\n" + before, close=False)

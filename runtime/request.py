@@ -61,6 +61,7 @@ class GenerateOutput:
     finish_reason: str  # "stop" (a stop token) or "length" (max_tokens reached)
     timings: Timings
     key_mass: torch.Tensor | None = None  # with key_mass: [output tokens, stop token excluded] float32 on the device
+    ready: torch.cuda.Event | None = None  # on CUDA with key_mass: wait for it before reading key_mass
 
 
 @dataclass
@@ -71,6 +72,7 @@ class Prefill:
     logits: torch.Tensor | None  # [prompt, vocab] float32, with prompt_logits
     timings: Timings
     vision_cache_hit: bool | None
+    ready: torch.cuda.Event | None = None  # on CUDA with logits: wait for it before reading them
 
 
 @dataclass

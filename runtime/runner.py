@@ -78,9 +78,9 @@ class ModelRunner:
         logits [1, vocab] of the last prompt position when this chunk ends the prompt ([end - start, vocab] with
         prompt_logits), else None."""
         prompt, seq = request.prompt, request.seq
-        n = end - start
+        n, device = end - start, self.device
         ids = prompt.token_ids[start:end]
-        ids = ids.to(self.device) if isinstance(ids, torch.Tensor) else torch.tensor(ids, device=self.device)
+        ids = ids.to(device) if isinstance(ids, torch.Tensor) else to_device(ids, torch.long, device)
         image_embeds, visual = None, None
         if request.vision is not None:
             before = sum(1 for t in prompt.token_ids[:start] if t == self.model.config.image_token_id)
@@ -89,15 +89,17 @@ class ModelRunner:
             if count:
                 image_embeds = request.vision.embeds[before : before + count]
                 visual = VisualTokens(mask, [f[before : before + count] for f in request.vision.deepstack])
-        slots = seq.append_slots(n).to(self.device)
+        # Every input goes up through pinned memory, in stream order: a prefill never waits for the steps queued before it.
         meta = AttentionMetadata(
-            slot_mapping=slots,
-            block_tables=seq.block_table(self.device),
-            seq_lens=torch.tensor([seq.length], dtype=torch.int32, device=self.device),
-            cu_query_lens=torch.tensor([0, n], dtype=torch.int32, device=self.device),
+            slot_mapping=to_device(seq.append_slots(n).tolist(), torch.long, device),
+            block_tables=to_device([seq.pages], torch.int32, device),
+            seq_lens=to_device([seq.length], torch.int32, device),
+            cu_query_lens=to_device([0, n], torch.int32, device),
             max_query_len=n,
         )
-        positions = prompt.positions[:, start:end].to(self.device)
+        positions = prompt.positions[:, start:end]
+        positions = positions.to(device) if positions.device.type == device.type else to_device(
+            positions.tolist(), torch.long, device)
         with use_backend(self.kernel_backend):
             hidden = self.model(ids, positions, self.pool.kv, meta, image_embeds, visual)
         if request.prompt_logits:

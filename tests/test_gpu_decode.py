@@ -8,8 +8,7 @@ import warnings
 import pytest
 import torch
 
-from tandem.runtime import Engine, SamplingParams, Timings
-from tandem.runtime.kv_cache import Sequence
+from tandem.runtime import Engine, SamplingParams
 
 from conftest import random_image
 
@@ -33,8 +32,9 @@ def engine_for(checkpoint, **kwargs) -> Engine:
 @pytest.mark.parametrize("name", PARAMS)
 def test_decode_steps_never_sync_the_host(tiny_8b, name):
     """Past the prefill, a generation's steps (graph replay, sampling, stop check, the copy of the tokens to the
-    host) run with torch's sync debug mode set to "error": any call that waits for the device raises. The host
-    waits on one event per step, for a step that has already been followed by the next."""
+    host) run with torch's sync debug mode set to "error": any call that waits for the device raises, in the
+    engine's loop thread too (the request then fails with it). The loop waits on one event per step, for a step
+    already followed by the next."""
     engine = engine_for(tiny_8b)
     params = PARAMS[name]
     expected = engine.generate(MESSAGES, params).token_ids  # compiles and captures first
@@ -50,25 +50,24 @@ def test_decode_steps_never_sync_the_host(tiny_8b, name):
 
 
 def test_key_mass_steps_never_sync_the_host(tiny_8b):
-    """The reasoning stage's decode, key mass on: no sync either (a stopped row's mass is masked on the device)."""
+    """The reasoning stage's decode, key mass on: no sync either (a stopped row's mass is masked on the device),
+    and the mass comes with an event for the reader's stream."""
     engine = engine_for(tiny_8b)
-    params = PARAMS["greedy"].resolve(engine.sampling_defaults)
+    params = engine.resolve(PARAMS["greedy"])
     prompt = engine.prepare(MESSAGES)
     for debug in ("default", "error"):  # the first run compiles and captures
-        seq = Sequence(engine.pool)
+        handle = engine._submit(prompt, params, key_mass=True)
+        pieces = handle.stream()
+        next(pieces)
+        torch.cuda.set_sync_debug_mode(debug)
         try:
-            timings = Timings()
-            logits = engine._prefill_prompt(seq, prompt, timings)
-            mass = torch.zeros(1, len(prompt.token_ids) + params.max_tokens, device="cuda")
-            torch.cuda.set_sync_debug_mode(debug)
-            try:
-                tokens = [t for (c,) in engine.decode_batch([seq], logits, params, [prompt.rope_delta],
-                                                            [timings], key_mass=mass) for t in c]
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
+            list(pieces)
+            out = handle.result()
         finally:
-            seq.release()
-        assert len(tokens) == params.max_tokens and mass.sum().item() > 0
+            torch.cuda.set_sync_debug_mode("default")
+        out.ready.synchronize()
+        assert len(out.token_ids) == params.max_tokens and out.key_mass.sum().item() > 0
+    assert engine.pool.pages_in_use == 0
 
 
 def test_at_most_one_step_runs_past_a_stop(tiny_8b):
@@ -100,7 +99,7 @@ def test_a_failed_capture_falls_back_to_eager_steps(tiny_8b):
     assert out.token_ids == expected
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert any("as a CUDA graph failed" in m and "rows x" in m for m in messages), messages
-    assert all(graph is None for buf in engine.decoder._buffers.values() for graph in buf.graphs.values())
+    assert all(graph is None for buf in engine.runner._buffers.values() for graph in buf.graphs.values())
     assert engine.generate(MESSAGES, PARAMS["greedy"]).token_ids == expected  # the shape stays eager, no retry
     assert engine.pool.pages_in_use == 0
 
@@ -108,6 +107,6 @@ def test_a_failed_capture_falls_back_to_eager_steps(tiny_8b):
 def test_cuda_graphs_off_by_environment(tiny_8b, monkeypatch):
     monkeypatch.setenv("TANDEM_CUDA_GRAPHS", "0")
     engine = engine_for(tiny_8b)
-    assert not engine.decoder.graphable()
+    assert not engine.runner.graphable()
     engine.generate(MESSAGES, PARAMS["greedy"])
-    assert all(not buf.graphs for buf in engine.decoder._buffers.values())
+    assert all(not buf.graphs for buf in engine.runner._buffers.values())
