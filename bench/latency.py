@@ -702,9 +702,9 @@ def _policy_run(result, total_s: float, budget: Budget) -> dict:
             "output_tokens": len(st.output_ids), "expected_tokens": expected,
             "kept_tokens": None if st.kept_indices is None else len(st.kept_indices),
             # A stage that reused its model's prefix encoded nothing (None, not 0); one output token has no decode step.
-            "vision_ms": None if st.vision_cache_hit is None else 1000 * st.vision_s,
-            "prefill_ms": 1000 * st.prefill_s,
-            "decode_ms": 1000 * st.decode_s if len(st.output_ids) > 1 else None,
+            "vision_ms": None if st.vision_cache_hit is None else 1000 * st.timings.vision_s,
+            "prefill_ms": 1000 * st.timings.prefill_s,
+            "decode_ms": 1000 * st.timings.decode_s if len(st.output_ids) > 1 else None,
             "vision_cache_hit": st.vision_cache_hit,
         })
     branch = None

@@ -21,10 +21,10 @@ import PIL
 import torch
 
 from tandem.models.errors import CheckpointError, InputError
-from tandem.models.image_load import ImageLike, image_label, image_size, load_image
+from tandem.models.image_load import ImageLike, image_digest, image_label, image_size, load_image
 
 __all__ = [
-    "ImageInputs", "ImageLike", "ImageProcessorConfig", "MAX_ASPECT_RATIO", "image_label", "image_size",
+    "ImageInputs", "ImageLike", "ImageProcessorConfig", "MAX_ASPECT_RATIO", "image_digest", "image_label", "image_size",
     "image_tokens", "load_image", "preprocess_images", "resize_bicubic", "smart_resize",
 ]
 

@@ -34,6 +34,7 @@ its file name where it has one.
 from __future__ import annotations
 
 import base64
+import hashlib
 import binascii
 import contextlib
 import io
@@ -401,3 +402,10 @@ def _to_uint8(values: np.ndarray, what: str) -> np.ndarray:
                              "(divide 0..255 data by 255, or pass uint8)")
         return np.rint(values * values.dtype.type(255)).astype(np.uint8)
     raise InputError(f"{what}: pixel type {values.dtype} not supported")
+
+
+def image_digest(image: torch.Tensor) -> str:
+    """Content hash of a decoded uint8 [3, H, W] image (shape included: same bytes, other shape, other image)."""
+    h = hashlib.sha256(str(tuple(image.shape)).encode())
+    h.update(image.contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()

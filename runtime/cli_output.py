@@ -126,8 +126,8 @@ def format_result(result: TandemResult) -> str:
         kept = "" if s.kept_indices is None else f"{len(s.kept_indices)}/{s.reasoning_tokens}"
         cache = {None: "", True: "hit", False: "miss"}[s.vision_cache_hit]
         lines.append(f"{i:>2} {s.model:6} {s.role:9} {s.input_tokens:>6} {s.prefilled_tokens:>8} "
-                     f"{len(s.output_ids):>7} {kept:>9} {1000 * s.vision_s:>10.1f} {1000 * s.prefill_s:>11.1f} "
-                     f"{1000 * s.decode_s:>10.1f}  {cache}")
+                     f"{len(s.output_ids):>7} {kept:>9} {1000 * s.timings.vision_s:>10.1f} "
+                     f"{1000 * s.timings.prefill_s:>11.1f} {1000 * s.timings.decode_s:>10.1f}  {cache}")
         lines.append(f"   {s.text[:100]!r}")
     lines.append(f"\ntotal {1000 * result.total_s:.1f} ms")
     return "\n".join(lines)

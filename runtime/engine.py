@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import numbers
 import random
 import threading
 import time
@@ -21,7 +20,6 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from tandem.kernels import use_backend
@@ -29,24 +27,21 @@ from tandem.kernels.backend import implementation
 from tandem.models.config import load_config
 from tandem.models.errors import InputError
 from tandem.models.hub import resolve_checkpoint
-from tandem.models.image import ImageProcessorConfig, image_size, image_tokens, load_image
+from tandem.models.image import ImageProcessorConfig
 from tandem.models.loader import load_model
-from tandem.models.positions import mrope_positions
 from tandem.models.qwen3_vl import Qwen3VL
-from tandem.models.tokenizer import Tokenizer, build_prompt_ids, expand_image_pads, extract_images, validate_messages
+from tandem.models.prompt import Messages, Prompt, PromptBuilder, TokenIds
+from tandem.models.tokenizer import Tokenizer
 from tandem.runtime.config import EngineConfig, default_kv_tokens, parse_device, parse_dtype
-from tandem.runtime.interrupts import uninterrupted
 from tandem.runtime.kv_cache import CacheFullError, PagePool, Sequence
-from tandem.runtime.request import (GenerateOutput, Phase, Prefill, Prompt, QueueFullError, Request,
-                                    RequestAborted, RequestHandle)
+from tandem.runtime.request import (GenerateOutput, Phase, Prefill, QueueFullError, Request, RequestAborted,
+                                    RequestHandle)
 from tandem.runtime.runner import ModelRunner, Readout
 from tandem.runtime.sampling import SamplingParams, checkpoint_defaults
 from tandem.runtime.scheduler import Scheduler
-from tandem.runtime.vision_cache import VisionCache, encode, image_digest, tower_fingerprint
+from tandem.runtime.vision_cache import VisionCache, encode, tower_fingerprint
 
 IDLE_POLL_S = 0.05  # an idle loop looks at its inbox at least this often
-Messages = list[dict] | str  # chat messages, or one user message's text
-TokenIds = list[int] | torch.Tensor | np.ndarray  # one 1-D sequence of integer ids
 
 
 class Engine:
@@ -59,6 +54,7 @@ class Engine:
         self.eos_ids = eos_ids or tokenizer.eos_ids
         self.device = model.lm_head_weight.device
         self.dtype = model.lm_head_weight.dtype
+        self.prompts = PromptBuilder(tokenizer, image_config, model.config.image_token_id, model.config.text.vocab_size)
         self.vision_cache = vision_cache if vision_cache is not None else VisionCache()
         self.tower = tower_fingerprint(model.visual)
         self.runner = ModelRunner(model, pool, config.kernel_backend, config.cuda_graphs)
@@ -214,46 +210,9 @@ class Engine:
     # ---- preparing a request (the caller's thread) ---------------------------------------------------------------
     def prepare(self, messages: Messages | None, prompt_token_ids: TokenIds | None = None,
                 images: list | None = None, *, max_tokens: int = 0) -> Prompt:
-        """Tokenize a request and decode its images. Exactly one of messages / prompt_token_ids; images go with
-        the ids. Everything is checked before any image is decoded: the messages' structure, the ids, each image's
-        size (read from its header) and whether the prompt, with `max_tokens` more, can ever fit the context and
-        the cache."""
-        if (messages is None) == (prompt_token_ids is None):
-            raise InputError("pass either messages or prompt_token_ids, not both and not neither")
-        if messages is not None:
-            if images is not None:
-                raise InputError("images go inside messages as {'type': 'image', 'image': ...} parts")
-            messages = [{"role": "user", "content": messages}] if isinstance(messages, str) else messages
-            validate_messages(messages)
-            images = extract_images(messages)
-        elif images is None:
-            images = []
-        elif not isinstance(images, (list, tuple)):
-            raise InputError(f"images must be a list, got {type(images).__name__}")
-        per_image = [image_tokens(*image_size(image, i), self.image_config, i) for i, image in enumerate(images)]
-        if messages is not None:
-            ids = build_prompt_ids(self.tokenizer, messages, per_image)
-        else:
-            ids = expand_image_pads(self._check_ids(prompt_token_ids), per_image, self.tokenizer.image_pad_id)
-        self.check_fits(len(ids) + max_tokens)
-        decoded = [load_image(image, i) for i, image in enumerate(images)]
-        prompt = self.prompt_of(ids, decoded, [image_digest(i) for i in decoded])
-        decoded_tokens = [t * h * w // self.image_config.merge_size**2 for t, h, w in prompt.grids]
-        if decoded_tokens != per_image:
-            raise InputError(f"the images decoded to {decoded_tokens} tokens, but their headers said {per_image}")
-        return prompt
-
-    def prompt_of(self, ids: list[int], images: list[torch.Tensor], digests: list[str]) -> Prompt:
-        """A Prompt of expanded ids and decoded uint8 [3, H, W] images (with their content digests), with their
-        M-RoPE positions."""
-        merge = self.image_config.merge_size
-        grids = []
-        for image in images:
-            height, width = _resized(image, self.image_config)
-            grids.append((1, height // self.image_config.patch_size, width // self.image_config.patch_size))
-        tokens = sum(t * h * w // merge**2 for t, h, w in grids)
-        positions, rope_delta = mrope_positions(ids, grids, self.model.config.image_token_id, merge)
-        return Prompt(ids, images, digests, grids, positions, rope_delta, tokens)
+        """Tokenize a request and decode its images (see PromptBuilder.build): everything is checked, and whether
+        the prompt with `max_tokens` more can ever fit the context and the cache, before any image is decoded."""
+        return self.prompts.build(messages, prompt_token_ids, images, fits=lambda n: self.check_fits(n + max_tokens))
 
     def resolve(self, sampling: SamplingParams | None) -> SamplingParams:
         """The params a generation runs with: the checkpoint's defaults filled in, every field checked (stop ids
@@ -298,27 +257,6 @@ class Engine:
                     if held else f"the cache holds (capacity {self.pool.capacity_tokens} tokens")
             raise CacheFullError(f"{what} {pages * size} tokens of KV cache ({pages} pages of {size}), more than "
                                  f"{room}; raise kv_cache_tokens (--kv-cache-tokens) or lower max_tokens)")
-
-    def _check_ids(self, ids: TokenIds) -> list[int]:
-        """prompt_token_ids as a list of ints: a list or tuple of ints, or a 1-D integer tensor or numpy array."""
-        if isinstance(ids, (torch.Tensor, np.ndarray)):
-            kind = str(ids.dtype).removeprefix("torch.")
-            integer = not ids.dtype.is_floating_point and not ids.dtype.is_complex if isinstance(ids, torch.Tensor) \
-                else ids.dtype.kind in "iu"
-            if not integer or kind == "bool":
-                raise InputError(f"prompt_token_ids is a {type(ids).__name__} of {kind}: token ids are integers")
-            if ids.ndim != 1:
-                raise InputError(f"prompt_token_ids has shape {list(ids.shape)}: pass one sequence of ids (1-D)")
-            ids = ids.tolist()
-        elif not isinstance(ids, (list, tuple)):
-            raise InputError(f"prompt_token_ids must be a list of token ids, got {type(ids).__name__}")
-        if not ids:
-            raise InputError("prompt_token_ids is empty")
-        vocab = self.model.config.text.vocab_size
-        for i, t in enumerate(ids):
-            if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < vocab:
-                raise InputError(f"prompt_token_ids[{i}] = {t!r} is not a token id in [0, {vocab})")
-        return [int(t) for t in ids]
 
     def _submit(self, prompt: Prompt, params: SamplingParams | None, **kind) -> RequestHandle:
         if len(self.scheduler.waiting) + len(self._inbox) >= self.config.max_waiting:
@@ -557,12 +495,6 @@ class _Span:
             return self.end - self.start
         self.end.synchronize()
         return self.start.elapsed_time(self.end) / 1000
-
-
-def _resized(image: torch.Tensor, config: ImageProcessorConfig) -> tuple[int, int]:
-    from tandem.models.image import smart_resize
-
-    return smart_resize(image.shape[1], image.shape[2], config.factor, config.min_pixels, config.max_pixels)
 
 
 def device_clock(device: torch.device) -> float:

@@ -21,26 +21,26 @@ import math
 import numbers
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from tandem.kernels import gather_tokens
 from tandem.models.config import load_config
-from tandem.models.errors import CheckpointError, InputError
+from tandem.models.errors import InputError
 from tandem.models.hub import resolve_checkpoint
-from tandem.models.image import image_size, image_tokens, load_image
+from tandem.models.image import image_digest, image_size, image_tokens, load_image
 from tandem.models.loader import weight_bytes
 from tandem.models.tokenizer import expand_image_pads
 from tandem.runtime.answers import answers_agree, extract_answer
 from tandem.runtime.config import CPU_KV_TOKENS, CUDA_KV_FRACTION, parse_device, parse_dtype
 from tandem.runtime.engine import Engine
 from tandem.runtime.kv_cache import PagePool, Sequence
-from tandem.runtime.request import GenerateOutput, Prefill, Prompt, RequestHandle
+from tandem.runtime.request import GenerateOutput, Prefill, Prompt, RequestHandle, Timings
 from tandem.runtime.sampling import SamplingParams
 from tandem.runtime.selection import DEFAULT_DELTA, KEEP_MODES, select_key_tokens
-from tandem.runtime.vision_cache import DEFAULT_VISION_CACHE_BYTES, VisionCache, image_digest
+from tandem.runtime.vision_cache import DEFAULT_VISION_CACHE_BYTES, VisionCache
 
 POLICIES = ("large", "small", "small-reason", "large-reason", "transfer", "verify")
 # The models each policy's stages use: their prefixes are checked against the caches before any image is decoded.
@@ -98,11 +98,9 @@ class Stage:
     output_ids: list[int]
     text: str
     answer: str
+    timings: Timings  # the stage's own; a model's first stage also carries its prefix's queue, vision and prefill
     kept_indices: list[int] | None = None  # transfer: which reasoning tokens were handed over, of...
     reasoning_tokens: int | None = None  # ...this many
-    vision_s: float = 0.0
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
     vision_cache_hit: bool | None = None  # on a model's first stage: were its image features cached?
 
     @property
@@ -121,7 +119,7 @@ class TandemResult:
 
     @property
     def timings(self) -> dict[str, float]:
-        sums = {k: sum(getattr(s, k) for s in self.stages) for k in ("vision_s", "prefill_s", "decode_s")}
+        sums = {k: sum(getattr(s.timings, k) for s in self.stages) for k in ("vision_s", "prefill_s", "decode_s")}
         return {**sums, "total_s": self.total_s, "verdict_s": self.verdict_s}
 
     def to_json(self) -> str:
@@ -301,18 +299,18 @@ class Tandem:
             async for piece in handle.stream_async():
                 request.on_text(model, role, piece)
         out: GenerateOutput = await handle.result_async()
-        t = out.timings
         stage = Stage(
             model=model, role=role, input_tokens=prefix.seq.length + len(suffix), prefilled_tokens=len(suffix),
             suffix_ids=suffix.tolist() if isinstance(suffix, torch.Tensor) else list(suffix),
-            output_ids=out.token_ids, text=out.text, answer=extract_answer(out.text),
-            prefill_s=t.prefill_s, decode_s=t.decode_s,
+            output_ids=out.token_ids, text=out.text, answer=extract_answer(out.text), timings=replace(out.timings),
         )
         if prefix.first_stage_pending:  # the prefix's cost belongs to the stage that needed it first
             prefix.first_stage_pending = False
             stage.prefilled_tokens += prefix.seq.length
-            stage.vision_s, stage.vision_cache_hit = prefix.prefill.timings.vision_s, prefix.prefill.vision_cache_hit
-            stage.prefill_s += prefix.prefill.timings.prefill_s
+            stage.vision_cache_hit = prefix.prefill.vision_cache_hit
+            paid, t = prefix.prefill.timings, stage.timings
+            t.queue_s, t.vision_s, t.prefill_s = t.queue_s + paid.queue_s, paid.vision_s, t.prefill_s + paid.prefill_s
+            t.prompt_tokens, t.image_tokens = stage.input_tokens, paid.image_tokens
         return stage, out
 
     async def _prefix(self, request: _Request, model: str) -> _Prefix:
@@ -327,7 +325,7 @@ class Tandem:
         ids = engine.tokenizer.encode(self._chat_parts(request, model)[0])
         pads = image_tokens(request.image.shape[1], request.image.shape[2], engine.image_config, 0)
         ids = expand_image_pads(ids, [pads], engine.tokenizer.image_pad_id)
-        prompt = engine.prompt_of(ids, [request.image], [request.digest])
+        prompt = engine.prompts.of(ids, [request.image], [request.digest])
         handle = engine.submit_prefix(prompt, self._stage_tokens(request, model))
         prefill: Prefill = await _result(handle, engine)
         return _Prefix(prefill.seq, prompt.rope_delta, prefill)
@@ -367,27 +365,10 @@ class Tandem:
         return self.engines[model].tokenizer.encode(text)
 
     def _chat_parts(self, request: _Request, model: str) -> tuple[str, str]:
-        """The model's chat template rendered around the question: (everything up to and including the question,
-        everything after it up to the assistant's turn). Stage instructions go between the two.
-
-        No marker in the text (a user could type it): the question is rendered with an "a" and with a "b" after
-        it, and the two renderings differ exactly where the question ends."""
+        """The model's chat template around the question (PromptBuilder.split), once per request and model."""
         if model not in request.chat:
-            tokenizer = self.engines[model].tokenizer
-
-            def render(text: str) -> str:
-                content = [{"type": "image", "image": "image"}, {"type": "text", "text": text}]
-                return tokenizer.render_chat([{"role": "user", "content": content}])
-
-            a, b = render(request.question + "a"), render(request.question + "b")
-            end = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-            head, tail = a[:end], a[end + 1:]
-            if a != head + "a" + tail or b != head + "b" + tail:
-                raise CheckpointError("the chat template does not copy the user's text into the prompt verbatim, "
-                                      "once: the pipeline cannot place its instructions after the question")
-            request.chat[model] = (head, tail)
+            request.chat[model] = self.engines[model].prompts.split(request.question)
         return request.chat[model]
-
 
 
 async def _result(handle: RequestHandle, engine: Engine):

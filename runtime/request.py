@@ -20,6 +20,7 @@ from enum import Enum
 import torch
 
 from tandem.models.errors import InputError
+from tandem.models.prompt import Prompt
 from tandem.models.tokenizer import IncrementalDetokenizer, Tokenizer
 from tandem.runtime.kv_cache import Sequence
 from tandem.runtime.sampling import SamplingParams
@@ -73,23 +74,6 @@ class Prefill:
     timings: Timings
     vision_cache_hit: bool | None
     ready: torch.cuda.Event | None = None  # on CUDA with logits: wait for it before reading them
-
-
-@dataclass
-class Prompt:
-    """A request ready for the model: expanded token ids, decoded images and the M-RoPE positions (built on the
-    caller's thread by Engine.prepare; the device work is the engine loop's)."""
-
-    token_ids: list[int] | torch.Tensor  # a device tensor for a pair stage's suffix (no images there)
-    images: list[torch.Tensor]  # decoded uint8 [3, H, W] on the CPU, in order
-    digests: list[str]  # each image's content hash: the vision cache's key
-    grids: list[tuple[int, int, int]]  # (t, h, w) in patches, per image
-    positions: torch.Tensor  # [3, len(token_ids)]
-    rope_delta: int  # generated token i (counting the prompt) sits at position i + rope_delta
-    image_tokens: int = 0
-
-    def __len__(self) -> int:
-        return len(self.token_ids)
 
 
 class Phase(Enum):

@@ -46,13 +46,6 @@ class VisionFeatures:
                    sum(p.tokens for p in parts))
 
 
-def image_digest(image: torch.Tensor) -> str:
-    """Content hash of a decoded uint8 [3, H, W] image (shape included: same bytes, other shape, other image)."""
-    h = hashlib.sha256(str(tuple(image.shape)).encode())
-    h.update(image.contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
 @torch.inference_mode()
 def tower_fingerprint(tower: nn.Module) -> str:
     """A digest of a tower's weights, computed on their device: every tensor's name, shape, dtype and two

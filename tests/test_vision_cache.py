@@ -8,7 +8,8 @@ import torch
 
 from tandem.models.config import VisionConfig
 from tandem.models.vision import VisionEncoder
-from tandem.runtime.vision_cache import VisionCache, VisionFeatures, image_digest, tower_fingerprint
+from tandem.models.image import image_digest
+from tandem.runtime.vision_cache import VisionCache, VisionFeatures, tower_fingerprint
 
 
 def features(tokens: int) -> VisionFeatures:
