@@ -1,12 +1,11 @@
 """The outputs of `tandem bench` (tandem.bench.latency): bench.json, summary.txt and latency.png.
 
-The plot uses matplotlib when it is installed and otherwise draws with PIL, so the PNG always exists.
+The plot is drawn with matplotlib (the bench extra).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
@@ -211,105 +210,28 @@ def _plot_series(result: dict) -> list[tuple[str, list[float], list[float], tupl
     return series
 
 
-def plot_latency(result: dict, path: Path, backend: str = "auto") -> str:
-    """latency.png: per-token decode latency vs output length (log x). matplotlib where importable, else PIL.
-    Returns the backend used."""
-    title = (f"Decode latency per token: {result['model']['preset']} (random weights), {_where(result)}")
+def plot_latency(result: dict, path: Path) -> None:
+    """latency.png: per-token decode latency vs output length (log x), with matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     series = _plot_series(result)
-    if backend in ("auto", "matplotlib"):
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            if backend == "matplotlib":
-                raise
-        else:
-            fig, ax = plt.subplots(figsize=(10, 6.4), dpi=100)
-            for label, xs, ys, color, dashed in series:
-                ax.plot(xs, ys, "--" if dashed else "-o", color=[c / 255 for c in color], label=label)
-            ax.set_xscale("log", base=2)
-            ticks = sorted({x for _, xs, _, _, dashed in series if not dashed for x in xs}) or series[-1][1]
-            ax.set_xticks(ticks, [str(x) for x in ticks])
-            ax.minorticks_off()
-            ax.set_ylim(bottom=0)
-            ax.set_xlabel("output length L (tokens)")
-            ax.set_ylabel("ms per output token")
-            ax.set_title(title, fontsize=10)
-            ax.grid(True, alpha=0.3)
-            ax.legend()
-            fig.tight_layout()
-            fig.savefig(path)
-            plt.close(fig)
-            return "matplotlib"
-    _pil_plot(path, title, "output length L (tokens), log scale", "ms per output token", series)
-    return "pil"
-
-
-def _nice_step(span: float, ticks: int = 5) -> float:
-    raw = span / ticks
-    power = 10 ** math.floor(math.log10(raw))
-    return next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
-
-
-def _pil_plot(path: Path, title: str, xlabel: str, ylabel: str, series: list, size: tuple[int, int] = (1000, 640)) -> None:
-    """A line chart with PIL alone: log2 x axis, linear y axis from 0, grid, ticks, labels and a legend."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    def font(px):
-        try:
-            return ImageFont.load_default(size=px)
-        except TypeError:  # Pillow < 10.1: one bitmap size
-            return ImageFont.load_default()
-
-    small, big = font(13), font(15)
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    left, top, right, bottom = 80, 50, size[0] - 30, size[1] - 70
-    xs_all = [x for _, xs, _, _, _ in series for x in xs]
-    x_lo, x_hi = math.log2(min(xs_all)), math.log2(max(xs_all))
-    if x_hi - x_lo < 1:
-        x_lo, x_hi = x_lo - 0.5, x_hi + 0.5
-    y_max = max(y for _, _, ys, _, _ in series for y in ys) * 1.1 or 1.0
-    step = _nice_step(y_max)
-    y_max = math.ceil(y_max / step) * step
-    px = lambda x: left + (math.log2(x) - x_lo) / (x_hi - x_lo) * (right - left)  # noqa: E731
-    py = lambda y: bottom - y / y_max * (bottom - top)  # noqa: E731
-    for i in range(int(round(y_max / step)) + 1):
-        y = i * step
-        d.line([(left, py(y)), (right, py(y))], fill=(228, 228, 228))
-        label = f"{y:g}"
-        d.text((left - 8 - d.textlength(label, font=small), py(y) - 7), label, fill="black", font=small)
-    for e in range(math.ceil(x_lo), math.floor(x_hi) + 1):
-        x = px(2**e)
-        d.line([(x, top), (x, bottom)], fill=(228, 228, 228))
-        label = str(2**e)
-        d.text((x - d.textlength(label, font=small) / 2, bottom + 6), label, fill="black", font=small)
-    d.rectangle([left, top, right, bottom], outline="black")
+    fig, ax = plt.subplots(figsize=(10, 6.4), dpi=100)
     for label, xs, ys, color, dashed in series:
-        points = [(px(x), py(y)) for x, y in zip(xs, ys)]
-        if dashed:
-            (x0, y0), (x1, _) = points[0], points[-1]
-            for x in range(int(x0), int(x1), 14):
-                d.line([(x, y0), (min(x + 8, x1), y0)], fill=color, width=2)
-        else:
-            if len(points) > 1:
-                d.line(points, fill=color, width=2)
-            for x, y in points:
-                d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=color)
-    legend_w = max(d.textlength(label, font=small) for label, *_ in series) + 50
-    lx, ly = left + 12, top + 12
-    d.rectangle([lx, ly, lx + legend_w, ly + 8 + 20 * len(series)], fill="white", outline=(160, 160, 160))
-    for i, (label, _, _, color, dashed) in enumerate(series):
-        y = ly + 14 + 20 * i
-        for x in range(lx + 8, lx + 34, 10 if dashed else 26):
-            d.line([(x, y), (min(x + (6 if dashed else 26), lx + 34), y)], fill=color, width=2)
-        d.text((lx + 42, y - 7), label, fill="black", font=small)
-    d.text(((size[0] - d.textlength(title, font=big)) / 2, 16), title, fill="black", font=big)
-    d.text(((left + right - d.textlength(xlabel, font=small)) / 2, bottom + 30), xlabel, fill="black", font=small)
-    rotated = Image.new("RGB", (int(d.textlength(ylabel, font=small)) + 4, 18), "white")
-    ImageDraw.Draw(rotated).text((2, 1), ylabel, fill="black", font=small)
-    rotated = rotated.rotate(90, expand=True)
-    img.paste(rotated, (12, (top + bottom - rotated.height) // 2))
-    img.save(path, format="PNG")
+        ax.plot(xs, ys, "--" if dashed else "-o", color=[c / 255 for c in color], label=label)
+    ax.set_xscale("log", base=2)
+    ticks = sorted({x for _, xs, _, _, dashed in series if not dashed for x in xs}) or series[-1][1]
+    ax.set_xticks(ticks, [str(x) for x in ticks])
+    ax.minorticks_off()
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("output length L (tokens)")
+    ax.set_ylabel("ms per output token")
+    ax.set_title(f"Decode latency per token: {result['model']['preset']} (random weights), {_where(result)}",
+                 fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

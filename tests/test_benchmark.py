@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from tandem.bench.latency import PARTS, _policy_summary, build_models, decode_weight_bytes, text_ids
-from tandem.bench.latency_report import COLUMNS, plot_latency
+from tandem.bench.latency_report import COLUMNS
 from tandem.models.tiny import PRESETS, write_support_files
 from tandem.runtime.cli import main
 from tandem.runtime.pipeline import POLICIES
@@ -268,16 +268,6 @@ def test_png_is_a_valid_image_of_sensible_size(run, tmp_path):
     with Image.open(run["folder"] / "latency.png") as img:
         assert img.format == "PNG" and img.width >= 600 and img.height >= 400
         assert len(img.convert("RGB").getcolors(1 << 20)) > 10  # something was drawn
-    assert plot_latency(run["data"], tmp_path / "pil.png", backend="pil") == "pil"
-    with Image.open(tmp_path / "pil.png") as img:
-        assert img.size == (1000, 640)
-
-
-def test_matplotlib_plot_when_installed(run, tmp_path):
-    pytest.importorskip("matplotlib")
-    assert plot_latency(run["data"], tmp_path / "mpl.png", backend="matplotlib") == "matplotlib"
-    with Image.open(tmp_path / "mpl.png") as img:
-        assert img.width >= 600 and img.height >= 400
 
 
 def test_summary_names_device_and_dtype_on_every_table(run):
