@@ -137,7 +137,7 @@ def _real_size(text: tuple[int, int, int, int, int], vision: tuple[int, int, int
 
 TINY_PRESETS = tuple(PRESETS)  # the two that build in a second on a CPU
 
-# The real model sizes with random weights: real latency and memory without any download (DESIGN.md's table).
+# The real model sizes with random weights: real latency and memory without any download.
 PRESETS |= {
     "qwen3-vl-2b": _real_size((2048, 28, 16, 8, 6144), (24, 1024, 16, 4096), [5, 11, 17], tied=True),
     "qwen3-vl-4b": _real_size((2560, 36, 32, 8, 9728), (24, 1024, 16, 4096), [5, 11, 17], tied=True),

@@ -34,8 +34,8 @@ from tandem.models.prompt import Messages, Prompt, PromptBuilder, TokenIds
 from tandem.models.tokenizer import Tokenizer
 from tandem.runtime.config import EngineConfig, default_kv_tokens, parse_device, parse_dtype
 from tandem.runtime.kv_cache import CacheFullError, PagePool, Sequence
-from tandem.runtime.request import (GenerateOutput, Phase, Prefill, QueueFullError, Request, RequestAborted,
-                                    RequestHandle)
+from tandem.runtime.request import (DeviceSpan, GenerateOutput, Phase, Prefill, QueueFullError, Request,
+                                    RequestAborted, RequestHandle)
 from tandem.runtime.runner import ModelRunner, Readout
 from tandem.runtime.sampling import SamplingParams, checkpoint_defaults
 from tandem.runtime.scheduler import Scheduler
@@ -59,9 +59,6 @@ class Engine:
         self.tower = tower_fingerprint(model.visual)
         self.runner = ModelRunner(model, pool, config.kernel_backend, config.cuda_graphs)
         self.scheduler = Scheduler(pool, config)
-        # The host reads each step's tokens this many steps behind the device: on CUDA one, so the next step is
-        # queued before the host waits and at most one step runs past a stop; on the CPU, where nothing runs
-        # ahead, none.
         self.stats = EngineStats()
         self._inbox: deque = deque()  # ("add", Request) / ("abort", request id), from any thread
         self._wake = threading.Event()  # set by every post; the loop also looks at the inbox every IDLE_POLL_S
@@ -301,7 +298,7 @@ class Engine:
         self._take_inbox(block=False)
         plan = self.scheduler.schedule()
         if not plan and not len(self._readout):
-            self._take_inbox(block=True)  # nothing to do until a request, an abort or a release arrives
+            self._take_inbox(block=True)  # nothing to do until a request or an abort arrives
             return
         now = time.perf_counter()
         for request in plan.admitted:
@@ -330,7 +327,7 @@ class Engine:
             try:
                 tokens = self.runner.decode(batch)
             except Exception as e:  # noqa: BLE001 - the whole batch fails; the runner starts afresh
-                self.runner._set_batch([])
+                self.runner.reset()
                 for request in batch:
                     self._finish(request, e)
             else:
@@ -366,13 +363,13 @@ class Engine:
             if request.ready is not None:
                 torch.cuda.current_stream(self.device).wait_event(request.ready)
             if request.prompt.images:
-                span = _Span(self.device)
+                span = DeviceSpan(self.device)
                 request.vision, cached = encode(self.model, request.prompt.images, request.prompt.digests,
                                                 self.image_config, self.vision_cache, self.tower)
                 request.spans.append(("vision_s", span.stop()))
                 request.vision_cache_hit = cached == len(request.prompt.images)
                 self.stats.image_prefills += 1
-        span = _Span(self.device)
+        span = DeviceSpan(self.device)
         logits = self.runner.prefill(request, start, end)
         request.spans.append(("prefill_s", span.stop()))
         self.stats.prefill_tokens += end - start
@@ -441,7 +438,7 @@ class Engine:
     def _fail_all(self, error: BaseException) -> None:
         """Fail every request in flight with `error` (an exception in the loop itself); the engine goes on."""
         with contextlib.suppress(Exception):
-            self.runner._set_batch([])
+            self.runner.reset()
         with contextlib.suppress(Exception):
             self._readout.ready(drain=True)
         for request in list(self._requests.values()):
@@ -469,32 +466,6 @@ class EngineStats:
     prefill_tokens: int = 0
     image_prefills: int = 0  # prompts whose images were placed (an image prefilled once counts once)
     decode_steps: int = 0
-
-
-class _Span:
-    """Device time of a phase without a sync: CUDA events, read at the request's end (by then the work is done);
-    the host clock on the CPU, where the work is done when the call returns."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        if self.cuda:
-            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            self.start.record()
-        else:
-            self.start, self.end = time.perf_counter(), None
-
-    def stop(self) -> "_Span":
-        if self.cuda:
-            self.end.record()
-        else:
-            self.end = time.perf_counter()
-        return self
-
-    def seconds(self) -> float:
-        if not self.cuda:
-            return self.end - self.start
-        self.end.synchronize()
-        return self.start.elapsed_time(self.end) / 1000
 
 
 def device_clock(device: torch.device) -> float:

@@ -55,6 +55,32 @@ class Timings:
         return 1000 * self.decode_s / steps if steps > 0 else 0.0
 
 
+class DeviceSpan:
+    """Device time of a phase without a sync: CUDA events, read at the request's end (by then the work is done);
+    the host clock on the CPU, where the work is done when the call returns."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.start, self.end = time.perf_counter(), None
+
+    def stop(self) -> "DeviceSpan":
+        if self.cuda:
+            self.end.record()
+        else:
+            self.end = time.perf_counter()
+        return self
+
+    def seconds(self) -> float:
+        if not self.cuda:
+            return self.end - self.start
+        self.end.synchronize()
+        return self.start.elapsed_time(self.end) / 1000
+
+
 @dataclass
 class GenerateOutput:
     text: str

@@ -128,6 +128,10 @@ class ModelRunner:
         buf.token[:count].copy_(tokens)
         return tokens
 
+    def reset(self) -> None:
+        """Forget the decode batch (its requests failed with a step): the next batch sets its buffers afresh."""
+        self._batch, self._buf, self._rows = [], None, None
+
     def flush_mass(self, request: Request) -> None:
         """Add the key mass the batch gathered for `request` to request.mass (its row's sum since the batch last
         changed), and zero it there."""
