@@ -4,7 +4,8 @@ streaming), Tandem (two models cooperating on each question), the `tandem` comma
 from tandem.runtime.config import EngineConfig
 from tandem.runtime.engine import Engine
 from tandem.runtime.kv_cache import CacheFullError
-from tandem.runtime.pipeline import POLICIES, Budget, Prompts, Stage, Tandem, TandemResult
+from tandem.runtime.pipeline import Tandem
+from tandem.runtime.stages import POLICIES, Budget, Prompts, Stage, TandemResult
 from tandem.runtime.request import (GenerateOutput, Prompt, QueueFullError, RequestAborted, RequestHandle,
                                     Timings)
 from tandem.runtime.sampling import SamplingParams

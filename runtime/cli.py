@@ -26,7 +26,8 @@ from tandem.models.image import load_image
 from tandem.runtime.cli_output import StageText, console, format_result, format_timings, generate_json, loading
 from tandem.runtime.config import CPU_KV_TOKENS, DEFAULT_PAGE_SIZE, DTYPES, parse_device, parse_dtype
 from tandem.runtime.engine import Engine
-from tandem.runtime.pipeline import POLICIES, Budget, Tandem, shared_kv_tokens
+from tandem.runtime.pipeline import Tandem, shared_kv_tokens
+from tandem.runtime.stages import POLICIES, Budget
 from tandem.runtime.request import GenerateOutput, RequestHandle
 from tandem.runtime.sampling import SamplingParams
 from tandem.runtime.selection import DEFAULT_DELTA, KEEP_MODES

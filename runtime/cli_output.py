@@ -14,7 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from tandem.runtime.request import GenerateOutput, Timings
-from tandem.runtime.pipeline import TandemResult
+from tandem.runtime.stages import TandemResult
 
 
 class Console:

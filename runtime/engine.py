@@ -9,13 +9,9 @@ handles learn the outcome. Calls from many threads, and asyncio tasks, share one
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import random
-import threading
 import time
-import weakref
-from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,16 +29,14 @@ from tandem.models.qwen3_vl import Qwen3VL
 from tandem.models.prompt import Messages, Prompt, PromptBuilder, TokenIds
 from tandem.models.tokenizer import Tokenizer
 from tandem.runtime.config import EngineConfig, default_kv_tokens, parse_device, parse_dtype
-from tandem.runtime.kv_cache import CacheFullError, PagePool, Sequence
+from tandem.runtime.kv_cache import PagePool, Sequence
+from tandem.runtime.loop import Closed, Loop
 from tandem.runtime.request import (DeviceSpan, GenerateOutput, Phase, Prefill, QueueFullError, Request,
                                     RequestAborted, RequestHandle)
 from tandem.runtime.runner import ModelRunner, Readout
 from tandem.runtime.sampling import SamplingParams, checkpoint_defaults
 from tandem.runtime.scheduler import Scheduler
 from tandem.runtime.vision_cache import VisionCache, encode, tower_fingerprint
-
-IDLE_POLL_S = 0.05  # an idle loop looks at its inbox at least this often
-
 
 class Engine:
     def __init__(self, model: Qwen3VL, tokenizer: Tokenizer, image_config: ImageProcessorConfig, pool: PagePool,
@@ -58,12 +52,10 @@ class Engine:
         self.vision_cache = vision_cache if vision_cache is not None else VisionCache()
         self.tower = tower_fingerprint(model.visual)
         self.runner = ModelRunner(model, pool, config.kernel_backend, config.cuda_graphs)
-        self.scheduler = Scheduler(pool, config)
+        self.scheduler = Scheduler(pool, config, model.config.text.max_position_embeddings)
         self.stats = EngineStats()
-        self._inbox: deque = deque()  # ("add", Request) / ("abort", request id), from any thread
-        self._wake = threading.Event()  # set by every post; the loop also looks at the inbox every IDLE_POLL_S
-        self._thread: threading.Thread | None = None
-        self._starting = threading.Lock()  # one loop thread, whichever caller starts it
+        # The device work runs in the loop's thread, fed by ("add", Request) / ("abort", request id) messages.
+        self.loop = Loop(f"tandem-engine-{id(self):x}", self._step, self._loop_context, self._fail_all)
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._readout = Readout(self.device, lag=1 if self.device.type == "cuda" else 0)
         self._requests: dict[int, Request] = {}  # every request in the loop's hands, by id
@@ -164,17 +156,11 @@ class Engine:
 
     def abort(self, request_id: int) -> None:
         """Stop a request: it leaves the batch at the next step and its pages are freed. Safe from any thread."""
-        self._post(("abort", request_id))
+        self.loop.post(("abort", request_id))
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop the loop: every request in flight ends with RequestAborted. (At exit every engine is closed, so no
-        device work runs while the interpreter shuts down.) A later submission starts the loop again."""
-        thread = self._thread
-        if thread is None or not thread.is_alive():
-            return
-        self._inbox.append(("close", None))
-        self._wake.set()
-        thread.join(timeout)
+        """Stop the loop: every request in flight ends with RequestAborted. A later submission starts it again."""
+        self.loop.close(timeout)
 
     def prompt_logits(self, prompt: Prompt) -> torch.Tensor:
         """Logits [len(prompt), vocab] (float32) at every prompt position."""
@@ -209,7 +195,7 @@ class Engine:
                 images: list | None = None, *, max_tokens: int = 0) -> Prompt:
         """Tokenize a request and decode its images (see PromptBuilder.build): everything is checked, and whether
         the prompt with `max_tokens` more can ever fit the context and the cache, before any image is decoded."""
-        return self.prompts.build(messages, prompt_token_ids, images, fits=lambda n: self.check_fits(n + max_tokens))
+        return self.prompts.build(messages, prompt_token_ids, images, fits=lambda n: self.scheduler.check_fits(n + max_tokens))
 
     def resolve(self, sampling: SamplingParams | None) -> SamplingParams:
         """The params a generation runs with: the checkpoint's defaults filled in, every field checked (stop ids
@@ -236,69 +222,35 @@ class Engine:
         finished = bool(ids) and ids[-1] in self.stop_ids(params)
         return (ids[:-1] if finished else ids), finished
 
-    def check_fits(self, total: int, parent: Sequence | None = None, headroom: int = 0) -> None:
-        """Refuse a sequence that could never fit: `total` tokens (its prompt, after `parent`'s tokens, and
-        max_tokens) beyond the model's context, or more cache pages than the cache can ever give it: its capacity,
-        less the parent's pages (held while it runs) and `headroom` pages that must stay free for the request's
-        later stages. One that fits only later waits in the queue."""
-        limit = self.model.config.text.max_position_embeddings
-        if total > limit:
-            raise InputError(f"prompt + max_tokens = {total} tokens exceeds the model's context of {limit} tokens")
-        size = self.pool.page_size
-        held = len(parent.pages) if parent is not None else 0
-        pages = -(-total // size) - (parent.length // size if parent is not None else 0) + headroom
-        if pages > self.pool.num_pages - held:
-            what = "the prompt and the stages after it need" if headroom else "prompt + max_tokens needs"
-            room = (f"the {(self.pool.num_pages - held) * size} the cache can give it (capacity "
-                    f"{self.pool.capacity_tokens} tokens, {held * size} of them held by the prefix it continues"
-                    if held else f"the cache holds (capacity {self.pool.capacity_tokens} tokens")
-            raise CacheFullError(f"{what} {pages * size} tokens of KV cache ({pages} pages of {size}), more than "
-                                 f"{room}; raise kv_cache_tokens (--kv-cache-tokens) or lower max_tokens)")
-
     def _submit(self, prompt: Prompt, params: SamplingParams | None, **kind) -> RequestHandle:
-        if len(self.scheduler.waiting) + len(self._inbox) >= self.config.max_waiting:
+        if len(self.scheduler.waiting) + len(self.loop) >= self.config.max_waiting:
             raise QueueFullError(f"the engine's queue is full ({self.config.max_waiting} requests waiting, "
                                  "max_waiting); try again later")
         stop_ids = self.stop_ids(params) if params is not None else frozenset()
         seed = params.seed if params is not None and params.seed is not None else self._seeds.getrandbits(64)
         request = Request(prompt, params, stop_ids, seed, **kind)
         # Never queue what cannot fit: it would wait for ever.
-        self.check_fits(request.total_tokens + (request.max_tokens > 0), request.parent, request.headroom)
+        self.scheduler.check_fits(request.total_tokens + (request.max_tokens > 0), request.parent, request.headroom)
         request.handle = RequestHandle(request, self.tokenizer, self.abort)
         request.timings.prompt_tokens, request.timings.image_tokens = len(prompt), prompt.image_tokens
-        self._post(("add", request))
+        self.loop.post(("add", request))
         return request.handle
 
-    def _post(self, message: tuple) -> None:
-        """Hand a message to the loop. No lock: deque.append is one step, so Ctrl-C in the caller's thread can
-        never leave a lock held or a message half-posted; a wake-up it loses costs the loop one IDLE_POLL_S."""
-        self._inbox.append(message)
-        with self._starting:
-            if self._thread is None or not self._thread.is_alive():
-                thread = threading.Thread(target=self._loop, name=f"tandem-engine-{id(self):x}", daemon=True)
-                thread.start()
-                self._thread = thread
-                _LIVE.add(self)
-        self._wake.set()
-
     # ---- the loop (the engine's thread) -----------------------------------------------------------------------
-    def _loop(self) -> None:
-        stream = torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
-        with stream, torch.inference_mode(), use_backend(self.config.kernel_backend):
-            while True:
-                try:
-                    self._step()
-                except _Closing:
-                    self._fail_all(RequestAborted("the engine was closed"))
-                    return
-                except BaseException as e:  # noqa: BLE001 - fails what is in flight; the engine stays usable
-                    self._fail_all(e)
+    def _loop_context(self) -> contextlib.ExitStack:
+        """What the loop's thread runs inside: the engine's CUDA stream, inference mode, its kernel backend."""
+        stack = contextlib.ExitStack()
+        if self._stream is not None:
+            stack.enter_context(torch.cuda.stream(self._stream))
+        stack.enter_context(torch.inference_mode())
+        stack.enter_context(use_backend(self.config.kernel_backend))
+        return stack
 
-    def _step(self) -> None:
-        self._take_inbox(block=False)
+    def _step(self, loop: Loop) -> None:
+        self._take(loop.take(block=False))
         plan = self.scheduler.schedule()
         if not plan and not len(self._readout):
-            self._take_inbox(block=True)  # nothing to do until a request or an abort arrives
+            self._take(loop.take(block=True))  # nothing to do until a request or an abort arrives
             return
         now = time.perf_counter()
         for request in plan.admitted:
@@ -340,16 +292,8 @@ class Engine:
         for requests, tokens in self._readout.ready(drain=not more):
             self._read(requests, tokens)
 
-    def _take_inbox(self, block: bool) -> None:
-        while block and not self._inbox:
-            self._wake.wait(IDLE_POLL_S)
-            self._wake.clear()
-        messages = []
-        while self._inbox:
-            messages.append(self._inbox.popleft())
+    def _take(self, messages: list[tuple]) -> None:
         for kind, value in messages:
-            if kind == "close":
-                raise _Closing
             if kind == "add":
                 self._requests[value.id] = value
                 self.scheduler.add(value)
@@ -436,7 +380,10 @@ class Engine:
         return output
 
     def _fail_all(self, error: BaseException) -> None:
-        """Fail every request in flight with `error` (an exception in the loop itself); the engine goes on."""
+        """Fail every request in flight with `error` (an exception in the loop itself; on close, RequestAborted);
+        the engine goes on."""
+        if isinstance(error, Closed):
+            error = RequestAborted("the engine was closed")
         with contextlib.suppress(Exception):
             self.runner.reset()
         with contextlib.suppress(Exception):
@@ -444,19 +391,6 @@ class Engine:
         for request in list(self._requests.values()):
             with contextlib.suppress(Exception):
                 self._finish(request, error)
-
-
-class _Closing(Exception):
-    """Engine.close() reached the loop."""
-
-
-_LIVE: "weakref.WeakSet[Engine]" = weakref.WeakSet()  # engines whose loop has run: closed at exit
-
-
-@atexit.register
-def _close_all() -> None:
-    for engine in list(_LIVE):
-        engine.close(timeout=5.0)
 
 
 @dataclass

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 from tandem.runtime.config import EngineConfig
 from tandem.runtime.interrupts import uninterrupted
-from tandem.runtime.kv_cache import PagePool, Sequence
+from tandem.models.errors import InputError
+from tandem.runtime.kv_cache import CacheFullError, PagePool, Sequence
 from tandem.runtime.request import Phase, Request
 
 
@@ -31,8 +32,9 @@ class Plan:
 
 
 class Scheduler:
-    def __init__(self, pool: PagePool, config: EngineConfig):
-        self.pool, self.config = pool, config
+    def __init__(self, pool: PagePool, config: EngineConfig, context: int):
+        """context: the model's context length in tokens."""
+        self.pool, self.config, self.context = pool, config, context
         self.waiting: deque[Request] = deque()
         self.prefilling: list[Request] = []  # admitted, prompt not yet fully prefilled, in admission order
         self.decoding: list[Request] = []  # prefilled, in the decode batch
@@ -46,6 +48,25 @@ class Scheduler:
         size = self.pool.page_size
         shared = (request.parent.length // size) if request.parent else 0
         return -(-request.total_tokens // size) - shared
+
+    def check_fits(self, total: int, parent: Sequence | None = None, headroom: int = 0) -> None:
+        """Refuse a sequence that could never fit: `total` tokens (its prompt, after `parent`'s tokens, and
+        max_tokens) beyond the model's context, or more cache pages than the cache can ever give it: its capacity,
+        less the parent's pages (held while it runs) and `headroom` pages that must stay free for the request's
+        later stages. One that fits only later waits in the queue."""
+        limit = self.context
+        if total > limit:
+            raise InputError(f"prompt + max_tokens = {total} tokens exceeds the model's context of {limit} tokens")
+        size = self.pool.page_size
+        held = len(parent.pages) if parent is not None else 0
+        pages = -(-total // size) - (parent.length // size if parent is not None else 0) + headroom
+        if pages > self.pool.num_pages - held:
+            what = "the prompt and the stages after it need" if headroom else "prompt + max_tokens needs"
+            room = (f"the {(self.pool.num_pages - held) * size} the cache can give it (capacity "
+                    f"{self.pool.capacity_tokens} tokens, {held * size} of them held by the prefix it continues"
+                    if held else f"the cache holds (capacity {self.pool.capacity_tokens} tokens")
+            raise CacheFullError(f"{what} {pages * size} tokens of KV cache ({pages} pages of {size}), more than "
+                                 f"{room}; raise kv_cache_tokens (--kv-cache-tokens) or lower max_tokens)")
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)

@@ -19,7 +19,7 @@ from PIL import Image
 from tandem.runtime import Engine, SamplingParams
 from tandem.runtime.cli import POLICY_HELP, main
 from tandem.runtime.cli_output import StageText
-from tandem.runtime.pipeline import POLICIES
+from tandem.runtime.stages import POLICIES
 
 from conftest import random_image
 from test_hub import fill_hub_cache

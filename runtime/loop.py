@@ -1,0 +1,93 @@
+"""Loop: the thread that runs an engine's steps, and the inbox that feeds it from any thread.
+
+Callers post messages (a new request, an abort) and return at once; the loop thread takes them between steps.
+Posting takes no lock: deque.append is one step, so Ctrl-C in a caller's thread can never leave a lock held or a
+message half-posted, and a wake-up it loses costs the loop at most IDLE_POLL_S. The thread starts on the first
+post, and again on a post after `close`; at exit every loop is closed, so no device work runs while the
+interpreter shuts down.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import threading
+import weakref
+from collections import deque
+from collections.abc import Callable
+
+IDLE_POLL_S = 0.05  # an idle loop looks at its inbox at least this often
+
+
+class Closed(Exception):
+    """`close` reached the loop: it ends after this step."""
+
+
+class Loop:
+    def __init__(self, name: str, step: Callable[["Loop"], None], setup: Callable[[], contextlib.AbstractContextManager],
+                 on_error: Callable[[BaseException], None]):
+        """step(loop) runs one engine step (and takes the inbox's messages); setup() is entered around the whole
+        thread (the engine's stream, inference mode); on_error(e) fails what an exception in a step left in
+        flight (Closed included, on close), and the loop goes on."""
+        self.name, self._step, self._setup, self._on_error = name, step, setup, on_error
+        self._inbox: deque = deque()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._starting = threading.Lock()  # one thread, whichever caller starts it
+
+    def __len__(self) -> int:
+        return len(self._inbox)
+
+    def post(self, message: tuple) -> None:
+        """Hand a message to the loop, starting its thread if need be."""
+        self._inbox.append(message)
+        with self._starting:
+            if self._thread is None or not self._thread.is_alive():
+                thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                thread.start()
+                self._thread = thread
+                _LIVE.add(self)
+        self._wake.set()
+
+    def take(self, block: bool) -> list[tuple]:
+        """The messages posted since the last take (waiting for one if `block`), in order. Raises Closed at a
+        close message."""
+        while block and not self._inbox:
+            self._wake.wait(IDLE_POLL_S)
+            self._wake.clear()
+        messages = []
+        while self._inbox:
+            message = self._inbox.popleft()
+            if message[0] == "close":
+                raise Closed
+            messages.append(message)
+        return messages
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the thread after its current step (on_error gets Closed for what is in flight)."""
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            return
+        self._inbox.append(("close", None))
+        self._wake.set()
+        thread.join(timeout)
+
+    def _run(self) -> None:
+        with self._setup():
+            while True:
+                try:
+                    self._step(self)
+                except Closed as e:
+                    self._on_error(e)
+                    return
+                except BaseException as e:  # noqa: BLE001 - fails what is in flight; the loop goes on
+                    self._on_error(e)
+
+
+_LIVE: "weakref.WeakSet[Loop]" = weakref.WeakSet()  # loops whose thread has run: closed at exit
+
+
+@atexit.register
+def _close_all() -> None:
+    for loop in list(_LIVE):
+        loop.close(timeout=5.0)
