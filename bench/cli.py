@@ -33,7 +33,7 @@ def add_command(commands: argparse._SubParsersAction) -> None:
                             "reasoning tokens, tiny models unless --preset / --pair say otherwise")
     bench.add_argument("--repeats", type=int, help="timed runs per configuration, after one warm-up (default 3)")
     bench.add_argument("--parts", type=_bench_parts, metavar="PART,...",
-                       help="a subset of decode,batch,prefill,vision,profile,policies (default: all)")
+                       help="a subset of decode,batch,concurrency,prefill,vision,profile,policies (default: all)")
     bench.add_argument("--lengths", type=_int_list, metavar="L,...", help="output lengths (default 1,2,4,...,1024)")
     bench.add_argument("--image-sizes", type=_int_list, metavar="PX,...",
                        help="square image sides (default 224,448,...,1344)")
@@ -42,6 +42,14 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--batch-sizes", type=_int_list, metavar="B,...",
                        help="batch sizes of the batched-decode part (default 1,2,4,8)")
     bench.add_argument("--batch-tokens", type=int, help="tokens each sequence decodes in the batch part (default 128)")
+    bench.add_argument("--concurrency", type=_int_list, metavar="C,...",
+                       help="request counts of the concurrency part, each run one at a time and at once (default "
+                            "1,8,32; 1,16 with --quick or on the CPU)")
+    bench.add_argument("--concurrency-tokens", type=int,
+                       help="tokens each request decodes in the concurrency part (default 128; 16 with --quick)")
+    bench.add_argument("--concurrency-repeats", type=int,
+                       help="timed runs per level of the concurrency part (default: --repeats): one at a time, "
+                            "its C requests decode one after another")
     bench.add_argument("--profile-steps", type=int, help="decode steps the profile part traces (default 64)")
     bench.add_argument("--short-tokens", type=int, default=4, help="forced answer length of the policies (4)")
     bench.add_argument("--reason-tokens", type=int, help="forced reasoning length of the policies (default 256)")
@@ -70,7 +78,7 @@ def _preset_pair(text: str) -> tuple[str, str]:
 
 
 def _bench_parts(text: str) -> tuple[str, ...]:
-    from tandem.bench.latency import PARTS
+    from tandem.bench.settings import PARTS
 
     parts = tuple(p.strip() for p in text.split(",") if p.strip())
     unknown = [p for p in parts if p not in PARTS]
@@ -80,14 +88,17 @@ def _bench_parts(text: str) -> tuple[str, ...]:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from tandem.bench.latency import PARTS, BenchSettings, run_benchmark
+    from tandem.bench.latency import run_benchmark
     from tandem.bench.latency_report import format_summary
+    from tandem.bench.settings import PARTS, BenchSettings
 
     settings = BenchSettings(
         preset=args.preset, pair=args.pair, device=args.device, dtype=args.dtype, parts=args.parts or PARTS,
         quick=args.quick, repeats=args.repeats, lengths=args.lengths, image_sizes=args.image_sizes,
         prompt_lengths=args.prompt_lengths, batch_sizes=args.batch_sizes, batch_tokens=args.batch_tokens,
-        profile_steps=args.profile_steps, short_tokens=args.short_tokens, reason_tokens=args.reason_tokens,
+        concurrency=args.concurrency, concurrency_tokens=args.concurrency_tokens,
+        concurrency_repeats=args.concurrency_repeats, profile_steps=args.profile_steps,
+        short_tokens=args.short_tokens, reason_tokens=args.reason_tokens,
         skip_hf=args.skip_hf, skip_compile=args.skip_compile, kernel_backend=args.kernel_backend, seed=args.seed)
     result = run_benchmark(settings, _bench_command(args), args.out, progress=not args.no_progress)
     print(format_summary(result))
@@ -100,8 +111,8 @@ def _bench_command(args: argparse.Namespace) -> str:
     """The bench command line as parsed, every given option spelled out (bench.json also keeps the process argv)."""
     words = ["tandem", "bench"]
     for name in ("preset", "pair", "device", "dtype", "kernel_backend", "out", "repeats", "parts", "lengths",
-                 "image_sizes", "prompt_lengths", "batch_sizes", "batch_tokens", "profile_steps", "short_tokens",
-                 "reason_tokens", "seed"):
+                 "image_sizes", "prompt_lengths", "batch_sizes", "batch_tokens", "concurrency", "concurrency_tokens",
+                 "concurrency_repeats", "profile_steps", "short_tokens", "reason_tokens", "seed"):
         value = getattr(args, name)
         if value is not None:
             words += [f"--{name.replace('_', '-')}", ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]

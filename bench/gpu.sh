@@ -13,8 +13,10 @@
 #   gpu-tests  the GPU tests the numbers rest on (bfloat16; no real-size model, no CUDA sampling op) -> gpu-tests.log
 #   8b         tandem bench, Qwen3-VL-8B size, random weights: decode per token at 16 and 256 tokens beside
 #              transformers eager and the floor, the steps run past a stop, the decode step at batch 1 and 8,
-#              the first token with one 448x448 image, the profile of decode steps and of the first token -> 8b.json
-#   2b         decode per token at 16 and 256 tokens beside transformers eager and the floor         -> 2b.json
+#              output tokens/s of 1, 8 and 32 requests of 32 tokens one at a time and at once, the first token
+#              with one 448x448 image, the profile of decode steps and of the first token             -> 8b.json
+#   2b         decode per token at 16 and 256 tokens beside transformers eager and the floor, and the
+#              concurrency part as in 8b                                                              -> 2b.json
 #   pair       every policy of the 8B + 2B pair, forced lengths, verify overlapped and sequential   -> pair.json
 #   real-2b    only if time remains: the real-size 2B against transformers                        -> real-2b.log
 # After each bench part, targets.md (tandem.bench.targets) gives every target's ratio so far; run.log holds
@@ -22,7 +24,8 @@
 # OUTDIR/running/, then its bench.json is kept under the part's name and the rest dropped.
 # Nothing here has run on a GPU yet: how long each part takes is not known, so the caps are the guard. They sum to
 # 420 s (430 s with WHEELS), and each is cut further to what the 450 s leave less the 10 s SIGKILL grace, so the
-# whole run ends within 450 s wherever it stops.
+# whole run ends within 450 s wherever it stops. The concurrency part runs one timed repeat: one at a time, its
+# 1 + 8 + 32 requests are 41 x 31 batch-1 decode steps a repeat, against 3 x 31 batched steps at once.
 set -uo pipefail
 
 dry=0
@@ -88,12 +91,14 @@ if [ $dry = 1 ]; then  # CPU, tiny models, short lists: every step of the script
     common=(--device cpu --dtype float32 --repeats 1 --skip-compile)
     large=8b-like small=2b-like lengths=2,4
     batch=(--batch-sizes 1,2 --batch-tokens 3 --profile-steps 2)
+    concurrency=(--concurrency 1,3 --concurrency-tokens 4)
     forced=(--short-tokens 2 --reason-tokens 8)
 else
     pip_dry=()
     common=(--device cuda --repeats 3 --skip-compile)
     large=qwen3-vl-8b small=qwen3-vl-2b lengths=16,256
     batch=(--batch-sizes 1,8)
+    concurrency=(--concurrency 1,8,32 --concurrency-tokens 32 --concurrency-repeats 1)
     forced=(--short-tokens 4 --reason-tokens 256)
 fi
 
@@ -144,8 +149,9 @@ main() {
     part versions 20 - python3 -c "$versions_py"
     part gpu-tests 100 "$outdir/gpu-tests.log" python3 -m pytest -q -rfEs -p no:cacheprovider "${gate_tests[@]}" \
         -k "not fp16 and not float32"
-    bench 8b 140 --preset $large --parts decode,batch,vision,profile --lengths $lengths --image-sizes 448 "${batch[@]}"
-    bench 2b 60 --preset $small --parts decode --lengths $lengths
+    bench 8b 140 --preset $large --parts decode,batch,concurrency,vision,profile --lengths $lengths --image-sizes 448 \
+        "${batch[@]}" "${concurrency[@]}"
+    bench 2b 60 --preset $small --parts decode,concurrency --lengths $lengths "${concurrency[@]}"
     bench pair 70 --pair $large,$small --parts policies "${forced[@]}"
     left=$((TOTAL - SECONDS - GRACE))
     if [ $left -ge 60 ]; then

@@ -60,8 +60,8 @@ def format_summary(result: dict) -> str:
         lines.append(f"floor: {f['decode_weight_bytes'] / 1e9:.3f} GB / {f['bandwidth_gb_s']:.1f} GB/s copy bandwidth "
                      f"(median of {len(f['copy_samples_ms'])} copies of {f['copy_bytes'] / 2**20:.0f} MiB) = "
                      f"{f['ms_per_token']:.4f} ms per token")
-    tables = {"decode": _decode_table, "batch": _batch_table, "prefill": _prefill_table, "vision": _vision_table,
-              "profile": _profile_tables, "policies": _policy_table}
+    tables = {"decode": _decode_table, "batch": _batch_table, "concurrency": _concurrency_table,
+              "prefill": _prefill_table, "vision": _vision_table, "profile": _profile_tables, "policies": _policy_table}
     for part, table in tables.items():
         if part in result:
             failed = result[part].get("unavailable")
@@ -129,6 +129,19 @@ def _batch_table(result: dict) -> list[str]:
     for B, ms, ratio, rate in zip(b["batch_sizes"], b["step_ms"], b["ratio_to_floor"], b["tokens_per_s"]):
         lines.append(f"{B:>3} | {ms:>9.3f} | {_f(ratio, 7, 1)} | {rate:>9.1f}")
     return lines + ([f"floor: {floor:.4f} ms per step"] if floor else [])
+
+
+def _concurrency_table(result: dict) -> list[str]:
+    c = result["concurrency"]
+    one, at_once = c["columns"]["one_at_a_time"], c["columns"]["concurrent"]
+    lines = [f"Concurrent requests, Tandem: C requests (prompt {c['prompt_tokens']} tokens, {c['output_tokens']} "
+             f"tokens each, greedy) one at a time vs submitted at once, output tokens/s, on {_where(result)}",
+             f"{'C':>4} | {'one at a time':>13} | {'at once':>9} | {'ratio':>6} | "
+             "decode steps (at once / one at a time)"]
+    for i, C in enumerate(c["levels"]):
+        lines.append(f"{C:>4} | {one['tokens_per_s'][i]:>13.1f} | {at_once['tokens_per_s'][i]:>9.1f} | "
+                     f"{c['ratio'][i]:>5.2f}x | {at_once['decode_steps'][i]:g} / {one['decode_steps'][i]:g}")
+    return lines
 
 
 def _profile_tables(result: dict) -> list[str]:

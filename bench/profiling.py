@@ -1,4 +1,4 @@
-"""Where the time goes: torch.profiler traces of a decode step and of a first token, for `tandem bench`.
+"""The profile part of `tandem bench`, where the time goes: torch.profiler traces of a decode step and of a first token.
 
 - decode: the decode steps of one greedy request at batch 1: the whole request profiled, less the same request cut
   to its first token (prefill and first sample), each run once untimed first so that kernels are compiled and
@@ -22,13 +22,27 @@ from torch.autograd import DeviceType
 from torch._C._profiler import _ExperimentalConfig
 from torch.profiler import ProfilerActivity, profile
 
+from tandem.bench.build import QUESTION, Built, bench_image, forced_greedy, image_question, text_ids
+from tandem.bench.settings import BenchSettings
+from tandem.bench.timing import Progress
 from tandem.runtime.engine import Engine
-from tandem.runtime.sampling import SamplingParams
 
 
-def forced_greedy(tokens: int) -> SamplingParams:
-    """Exactly `tokens` greedy tokens: every timed or profiled Tandem generation decodes a forced length."""
-    return SamplingParams(max_tokens=tokens, temperature=0.0, top_p=1.0, top_k=0, ignore_eos=True)
+def bench_profiles(built: Built, s: BenchSettings, progress: Progress) -> dict:
+    """The profile part: a decode step (with CUDA graphs and, where the engine uses them, without) and a first
+    token with one image of the policies' size."""
+    engine = built.engine
+    ids = text_ids(s.decode_prompt_tokens, s.seed)
+    decode = {}
+    for name, graphs in (("cuda graphs", True), ("eager launches", False)):
+        if graphs and not engine.runner.graphable():
+            continue
+        decode[name] = profile_decode(engine, ids, s.profile_steps, graphs)
+        progress.step(f"profile decode, {name}")
+    first_token = profile_first_token(engine, image_question(bench_image(s.policy_image_size, s.seed + 7)))
+    progress.step("profile first token")
+    return {"prompt_tokens": s.decode_prompt_tokens, "decode": decode, "first_token": first_token,
+            "image_size": [s.policy_image_size, s.policy_image_size], "question": QUESTION}
 
 
 def profile_decode(engine: Engine, prompt_ids: list[int], steps: int, graphs: bool) -> dict:

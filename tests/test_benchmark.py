@@ -17,8 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-from tandem.bench.latency import PARTS, _policy_summary, build_models, decode_weight_bytes, text_ids
+from tandem.bench.build import build_models, decode_weight_bytes, text_ids
 from tandem.bench.latency_report import COLUMNS
+from tandem.bench.policies import _policy_summary
+from tandem.bench.settings import PARTS, BenchSettings
 from tandem.models.tiny import PRESETS, write_support_files
 from tandem.runtime.cli import main
 from tandem.runtime.pipeline import POLICIES
@@ -27,13 +29,16 @@ LENGTHS = [1, 3, 8]
 IMAGE_SIZES = [224, 320]
 PROMPT_LENGTHS = [64, 160]
 BATCH_SIZES, BATCH_TOKENS = [1, 3], 5
+CONCURRENCY, CONCURRENCY_TOKENS, CONCURRENCY_REPEATS = [1, 4], 7, 3  # its own repeats: 3 against the others' 2
 PROFILE_STEPS = 5
 SHORT, REASON = 3, 12  # not the defaults, so a forced length cannot be a coincidence
 ARGS = ["bench", "--quick", "--preset", "2b-like", "--pair", "8b-like,2b-like", "--device", "cpu", "--dtype", "float32",
         "--repeats", "2", "--lengths", ",".join(map(str, LENGTHS)), "--image-sizes", ",".join(map(str, IMAGE_SIZES)),
         "--prompt-lengths", ",".join(map(str, PROMPT_LENGTHS)), "--short-tokens", str(SHORT),
         "--reason-tokens", str(REASON), "--batch-sizes", ",".join(map(str, BATCH_SIZES)),
-        "--batch-tokens", str(BATCH_TOKENS), "--profile-steps", str(PROFILE_STEPS)]
+        "--batch-tokens", str(BATCH_TOKENS), "--concurrency", ",".join(map(str, CONCURRENCY)),
+        "--concurrency-tokens", str(CONCURRENCY_TOKENS), "--concurrency-repeats", str(CONCURRENCY_REPEATS),
+        "--profile-steps", str(PROFILE_STEPS)]
 
 
 def _run(args: list[str]) -> tuple[int, str]:
@@ -189,6 +194,39 @@ def test_batch_part_reports_each_batch_size(run):
     assert "Decode ms per step, Tandem, one token for each of B sequences" in run["printed"]
 
 
+def test_concurrency_part_runs_each_level_one_at_a_time_and_at_once(run):
+    c = run["data"]["concurrency"]
+    assert c["levels"] == CONCURRENCY and c["output_tokens"] == CONCURRENCY_TOKENS and c["prompt_tokens"] == 128
+    columns = c["columns"]
+    assert set(columns) == {"one_at_a_time", "concurrent"}
+    for mode, column in columns.items():
+        assert column["tokens"] == [[CONCURRENCY_TOKENS]] * len(CONCURRENCY), mode  # every request, the forced length
+        for C, ms, rate, samples in zip(CONCURRENCY, column["ms"], column["tokens_per_s"], column["samples"]["ms"]):
+            assert len(samples) == CONCURRENCY_REPEATS
+            median_s = sorted(samples)[1] / 1000  # the middle one of 3
+            assert ms == pytest.approx(1000 * median_s) and rate == pytest.approx(C * CONCURRENCY_TOKENS / median_s)
+    one, at_once = columns["one_at_a_time"], columns["concurrent"]
+    for i, C in enumerate(CONCURRENCY):
+        assert c["ratio"][i] == pytest.approx(at_once["tokens_per_s"][i] / one["tokens_per_s"][i])
+        # Alone, a request's first token comes from its prefill and each other token from one decode step.
+        assert one["samples"]["decode_steps"][i] == [C * (CONCURRENCY_TOKENS - 1)] * CONCURRENCY_REPEATS
+        assert min(at_once["samples"]["decode_steps"][i]) >= CONCURRENCY_TOKENS - 1
+        if C > 1:  # at once, the requests share decode steps
+            assert max(at_once["samples"]["decode_steps"][i]) < C * (CONCURRENCY_TOKENS - 1)
+    assert "Concurrent requests, Tandem: C requests" in run["printed"]
+    assert "--concurrency 1,4 --concurrency-tokens 7 --concurrency-repeats 3" in run["data"]["command"]
+
+
+def test_concurrency_defaults():
+    """1,8,32 requests of 128 tokens on a GPU; 1,16 with --quick or on the CPU, 16 tokens with --quick; its repeats
+    are the run's unless given."""
+    quick = BenchSettings(device="cpu", quick=True).resolve()
+    assert (quick.concurrency, quick.concurrency_tokens, quick.concurrency_repeats) == ((1, 16), 16, 2)
+    cpu = BenchSettings(device="cpu", repeats=5).resolve()
+    assert (cpu.concurrency, cpu.concurrency_tokens, cpu.concurrency_repeats) == ((1, 16), 128, 5)
+    assert BenchSettings(device="cpu", concurrency_repeats=1).resolve().concurrency_repeats == 1
+
+
 def test_profile_sees_every_matmul_of_a_decode_step(run):
     """On the CPU the profile's rows are operators: a decode step of the torch backend runs four matmuls per layer
     (fused qkv, o, fused gate_up, down) and the output head, and the window holds exactly the steps asked for."""
@@ -274,8 +312,8 @@ def test_summary_names_device_and_dtype_on_every_table(run):
     summary = (run["folder"] / "summary.txt").read_text()
     assert summary.splitlines()[0].startswith("Tandem latency benchmark on cpu (")
     titles = [line for line in summary.splitlines()
-              if line.startswith(("Decode", "Prefill", "Vision", "Profile", "Policies"))]
-    assert len(titles) == 7
+              if line.startswith(("Decode", "Concurrent", "Prefill", "Vision", "Profile", "Policies"))]
+    assert len(titles) == 8
     for title in titles:
         assert ", float32" in title and "on cpu (" in title, title
     assert "transformers 5." in summary and "command: tandem bench" in summary
