@@ -66,12 +66,31 @@ def decode_attention(
     With key_mass [B, >= max seq_len] float32, also adds to key_mass[b, j] the attention probability key j
     receives, summed over the query heads (called once per layer, it accumulates over layers too).
     """
-    out = torch.empty_like(q)
-    for b, n in enumerate(seq_lens.tolist()):
-        k, v = _gather_pages(k_cache, v_cache, block_tables[b], n)
-        out[b : b + 1] = _attend(q[b : b + 1], k, v, None, scale)
-        if key_mass is not None:
-            key_mass[b, :n] += _probabilities(q[b : b + 1], k, scale).sum(dim=(0, 1))
+    if q.shape[0] <= 1:  # nothing to pad
+        out = torch.empty_like(q)
+        if q.shape[0] == 1:
+            n = int(seq_lens[0])
+            k, v = _gather_pages(k_cache, v_cache, block_tables[0], n)
+            out[:] = _attend(q, k, v, None, scale)
+            if key_mass is not None:
+                key_mass[0, :n] += _probabilities(q, k, scale).sum(dim=(0, 1))
+        return out
+    # All rows at once over their pages padded to the longest sequence: a Python loop per row made the CPU
+    # engine's batched decode cost nearly as much as B separate steps.
+    n_max = int(seq_lens.max())
+    pages = block_tables[:, : -(-n_max // k_cache.shape[1])].long().clamp(0, k_cache.shape[0] - 1)
+    k = k_cache[pages].flatten(1, 2)[:, :n_max]  # [B, S, kv_heads, D]
+    v = v_cache[pages].flatten(1, 2)[:, :n_max]
+    valid = torch.arange(n_max, device=q.device)[None, :] < seq_lens[:, None].to(q.device)  # [B, S]
+    # Slots past a row's length hold whatever the cache held (NaN in the tests): zero weight times NaN is NaN.
+    k = k.masked_fill(~valid[:, :, None, None], 0)
+    v = v.masked_fill(~valid[:, :, None, None], 0)
+    out = F.scaled_dot_product_attention(
+        q[:, :, None], k.transpose(1, 2), v.transpose(1, 2), attn_mask=valid[:, None, None], scale=scale,
+        enable_gqa=q.shape[1] != k.shape[2],
+    )[:, :, 0]
+    if key_mass is not None:
+        key_mass[:, :n_max] += _probabilities(q, k, scale, valid).sum(dim=1)
     return out
 
 
@@ -103,8 +122,11 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     return out[0].transpose(0, 1)
 
 
-def _probabilities(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """Softmax attention probabilities [L, H, S] in float32, kv heads repeated for GQA."""
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    scores = torch.einsum("lhd,shd->lhs", q.float(), k.float()) * scale
+def _probabilities(q: torch.Tensor, k: torch.Tensor, scale: float, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention probabilities in float32 of q [..., H, D] over k [..., S, Hkv, D] -> [..., H, S], kv heads
+    repeated for GQA; keys where valid [..., S] is False get none."""
+    k = k.repeat_interleave(q.shape[-2] // k.shape[-2], dim=-2)
+    scores = torch.einsum("...hd,...shd->...hs", q.float(), k.float()) * scale
+    if valid is not None:
+        scores = scores.masked_fill(~valid[..., None, :], float("-inf"))
     return scores.softmax(dim=-1)

@@ -30,7 +30,7 @@ from tandem.models.prompt import Messages, Prompt, PromptBuilder, TokenIds
 from tandem.models.tokenizer import Tokenizer
 from tandem.runtime.config import EngineConfig, default_kv_tokens, parse_device, parse_dtype
 from tandem.runtime.kv_cache import PagePool, Sequence
-from tandem.runtime.loop import Closed, Loop
+from tandem.runtime.loop import Closed, Loop, give_back_cpu_workers
 from tandem.runtime.request import (DeviceSpan, GenerateOutput, Phase, Prefill, QueueFullError, Request,
                                     RequestAborted, RequestHandle)
 from tandem.runtime.runner import ModelRunner, Readout
@@ -233,6 +233,8 @@ class Engine:
         self.scheduler.check_fits(request.total_tokens + (request.max_tokens > 0), request.parent, request.headroom)
         request.handle = RequestHandle(request, self.tokenizer, self.abort)
         request.timings.prompt_tokens, request.timings.image_tokens = len(prompt), prompt.image_tokens
+        if self.device.type == "cpu":
+            give_back_cpu_workers()
         self.loop.post(("add", request))
         return request.handle
 

@@ -5,18 +5,24 @@ Posting takes no lock: deque.append is one step, so Ctrl-C in a caller's thread 
 message half-posted, and a wake-up it loses costs the loop at most IDLE_POLL_S. The thread starts on the first
 post, and again on a post after `close`; at exit every loop is closed, so no device work runs while the
 interpreter shuts down.
+
+On the CPU the loop thread and its caller each own an OpenMP team; `give_back_cpu_workers` keeps the caller's from
+slowing the loop's (see there).
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
+import functools
 import threading
 import weakref
 from collections import deque
 from collections.abc import Callable
 
 IDLE_POLL_S = 0.05  # an idle loop looks at its inbox at least this often
+OMP_PAUSE_SOFT = 1  # omp_pause_resource_t: free the threads, keep the settings
 
 
 class Closed(Exception):
@@ -91,3 +97,32 @@ _LIVE: "weakref.WeakSet[Loop]" = weakref.WeakSet()  # loops whose thread has run
 def _close_all() -> None:
     for loop in list(_LIVE):
         loop.close(timeout=5.0)
+
+
+def give_back_cpu_workers() -> None:
+    """Free the calling thread's idle OpenMP worker threads, before it hands CPU work to a loop thread.
+
+    While a process holds more OpenMP threads than CPUs, libgomp cuts every worker's spin-wait to a few
+    iterations, so each parallel region of the loop's step pays a futex wake-up; the caller's team (made when it
+    loaded the model) is enough to cross that line. On the tiny 2b-like model this made the batch-1 CPU decode
+    step 1.8x slower. The caller's next parallel region starts its team again. Only libgomp (torch's OpenMP on
+    Linux) is handled; with another runtime this does nothing."""
+    pause = _omp_pause_resource_all()
+    if pause is not None:
+        pause(OMP_PAUSE_SOFT)
+
+
+@functools.cache
+def _omp_pause_resource_all():
+    """omp_pause_resource_all of the libgomp this process loaded, or None."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libgomp" in line.rsplit("/", 1)[-1]}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        try:
+            return ctypes.CDLL(path).omp_pause_resource_all
+        except (OSError, AttributeError):
+            continue
+    return None

@@ -8,9 +8,11 @@ with its pages; limits and failures stay with the request they concern. After ev
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 
 import pytest
+import torch
 
 from tandem.models.errors import InputError
 from tandem.runtime import Budget, Engine, QueueFullError, RequestAborted, SamplingParams, Tandem
@@ -204,6 +206,27 @@ def test_a_request_that_can_never_fit_is_refused_and_one_that_fits_later_waits(t
     assert [len(h.result(timeout=60).token_ids) for h in (first, second)] == [90, 90]
     assert second.result().timings.queue_s > first.result().timings.queue_s
     assert engine.pool.pages_in_use == 0
+
+
+def thread_count() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def libgomp_loaded() -> bool:
+    return os.path.exists("/proc/self/maps") and "libgomp" in open("/proc/self/maps").read()
+
+
+@pytest.mark.skipif(not libgomp_loaded() or torch.get_num_threads() < 2, reason="needs Linux, libgomp, 2 threads")
+def test_submit_frees_the_callers_openmp_workers(engine):
+    # While this thread's OpenMP team lives, libgomp throttles the loop thread's team (see give_back_cpu_workers).
+    engine.generate("hi", SamplingParams(max_tokens=2))  # the loop thread and its team exist
+    x = torch.randn(512, 512)
+    (x @ x).softmax(-1)  # this thread's team exists
+    with_team = thread_count()
+    engine.generate("hi", SamplingParams(max_tokens=2))
+    assert thread_count() < with_team
+    (x @ x).softmax(-1)  # the team starts again when this thread needs it
+    assert thread_count() == with_team
 
 
 # ---- the pair ----------------------------------------------------------------------------------------------------

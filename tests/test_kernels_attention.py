@@ -205,6 +205,20 @@ def test_decode_float16():
     torch.testing.assert_close(mass, expected_mass, atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+def test_reference_decode_is_prefill_of_one_token(config):
+    # The reference decode pads every row to the longest sequence; its per-sequence prefill does not.
+    heads, kv_heads, head_dim, page_size = config
+    gen = torch.Generator().manual_seed(5)
+    k_cache, v_cache, block_tables = paged_cache(DECODE_LENS, kv_heads, head_dim, page_size, torch.float32, "cpu", gen)
+    q = fused_view(len(DECODE_LENS), heads, head_dim, torch.float32, "cpu", gen)
+    lens, scale = int32(DECODE_LENS, "cpu"), head_dim**-0.5
+    out = reference.decode_attention(q, k_cache, v_cache, block_tables, lens, scale)
+    one_each = int32(list(range(len(DECODE_LENS) + 1)), "cpu")
+    expected = reference.prefill_attention(q, k_cache, v_cache, block_tables, lens, one_each, 1, scale)
+    torch.testing.assert_close(out, expected, **FP32_TOL)
+
+
 def test_decode_empty():
     out, expected, mass, expected_mass = run_decode([], CONFIGS[0], torch.float32, DEVICE, True)
     assert out.shape == expected.shape == (0, 4, 64) and mass.numel() == 0
