@@ -6,8 +6,8 @@ message half-posted, and a wake-up it loses costs the loop at most IDLE_POLL_S. 
 post, and again on a post after `close`; at exit every loop is closed, so no device work runs while the
 interpreter shuts down.
 
-On the CPU the loop thread and its caller each own an OpenMP team; `give_back_cpu_workers` keeps the caller's from
-slowing the loop's (see there).
+On the CPU the loop thread and its caller each own an OpenMP team, and so does every other engine's loop;
+`give_back_cpu_workers` keeps the idle ones from slowing the one at work (see there).
 """
 
 from __future__ import annotations
@@ -58,6 +58,8 @@ class Loop:
     def take(self, block: bool) -> list[tuple]:
         """The messages posted since the last take (waiting for one if `block`), in order. Raises Closed at a
         close message."""
+        if block and not self._inbox:
+            give_back_cpu_workers()  # an idle loop holds no OpenMP threads: other engines' loops may be working
         while block and not self._inbox:
             self._wake.wait(IDLE_POLL_S)
             self._wake.clear()
@@ -100,13 +102,14 @@ def _close_all() -> None:
 
 
 def give_back_cpu_workers() -> None:
-    """Free the calling thread's idle OpenMP worker threads, before it hands CPU work to a loop thread.
+    """Free the calling thread's idle OpenMP worker threads: a caller's before it hands CPU work to a loop
+    thread, a loop's before it waits for work.
 
     While a process holds more OpenMP threads than CPUs, libgomp cuts every worker's spin-wait to a few
-    iterations, so each parallel region of the loop's step pays a futex wake-up; the caller's team (made when it
-    loaded the model) is enough to cross that line. On the tiny 2b-like model this made the batch-1 CPU decode
-    step 1.8x slower. The caller's next parallel region starts its team again. Only libgomp (torch's OpenMP on
-    Linux) is handled; with another runtime this does nothing."""
+    iterations, so each parallel region of the working loop's step pays a futex wake-up; one idle team (the
+    caller's, made when it loaded the model, or an idle engine's) is enough to cross that line. On the tiny
+    2b-like model this made the batch-1 CPU decode step 1.8x slower. The thread's next parallel region starts its
+    team again. Only libgomp (torch's OpenMP on Linux) is handled; with another runtime this does nothing."""
     pause = _omp_pause_resource_all()
     if pause is not None:
         pause(OMP_PAUSE_SOFT)

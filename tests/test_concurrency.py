@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 
 import pytest
 import torch
@@ -216,17 +217,29 @@ def libgomp_loaded() -> bool:
     return os.path.exists("/proc/self/maps") and "libgomp" in open("/proc/self/maps").read()
 
 
+def settled_thread_count() -> int:
+    """The process's thread count once it stays put for 0.1 s (a loop frees its team a moment after a reply)."""
+    counts = [thread_count()]
+    while len(counts) < 3 or len(set(counts[-3:])) > 1:
+        time.sleep(0.05)
+        counts.append(thread_count())
+        assert len(counts) < 200, f"the thread count never settled: {counts[-10:]}"
+    return counts[-1]
+
+
 @pytest.mark.skipif(not libgomp_loaded() or torch.get_num_threads() < 2, reason="needs Linux, libgomp, 2 threads")
-def test_submit_frees_the_callers_openmp_workers(engine):
-    # While this thread's OpenMP team lives, libgomp throttles the loop thread's team (see give_back_cpu_workers).
-    engine.generate("hi", SamplingParams(max_tokens=2))  # the loop thread and its team exist
+def test_idle_threads_hold_no_openmp_workers(tiny_2b):
+    # While an idle OpenMP team lives, libgomp throttles the working one (see give_back_cpu_workers): a submit
+    # frees the caller's team, and a loop frees its own when it has nothing to do.
+    engine = Engine.from_pretrained(tiny_2b, device="cpu", dtype="float32", kv_cache_tokens=1024)
+    workers = torch.get_num_threads() - 1  # a team of n threads: the thread that made it and n - 1 workers
     x = torch.randn(512, 512)
-    (x @ x).softmax(-1)  # this thread's team exists
-    with_team = thread_count()
-    engine.generate("hi", SamplingParams(max_tokens=2))
-    assert thread_count() < with_team
-    (x @ x).softmax(-1)  # the team starts again when this thread needs it
-    assert thread_count() == with_team
+    for loop_thread_starts in (1, 0):  # the first reply starts the loop thread
+        (x @ x).softmax(-1)
+        with_team = settled_thread_count()  # this thread's team lives
+        engine.generate("hi", SamplingParams(max_tokens=2))
+        assert settled_thread_count() == with_team - workers + loop_thread_starts  # no team anywhere
+    engine.close()
 
 
 # ---- the pair ----------------------------------------------------------------------------------------------------
