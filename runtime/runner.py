@@ -55,6 +55,7 @@ class _Buffers:
     key_mass: torch.Tensor  # [rows, width * page_size] float32: the batch's sum since it was last flushed
     step_mass: torch.Tensor  # [rows, width * page_size] float32: one step's, added for live rows
     graphs: dict  # key mass on/off -> (CUDAGraph, logits it writes), or None where the capture failed
+    warm: set  # key mass on/off values that have run one eager step (a capture comes after one)
 
 
 class ModelRunner:
@@ -69,8 +70,8 @@ class ModelRunner:
         self._rows: SamplingRows | None = None
         self._stops: torch.Tensor | None = None  # [batch, most stop ids of a row], -1 padded
         self._with_mass = False
-        self._steps = 0  # steps of the current shape since it was set up: its first one is not captured
         self._capture_stream: torch.cuda.Stream | None = None
+        self._graph_pool = None
 
     # ---- prefill ----------------------------------------------------------------------------------------------
     def prefill(self, request: Request, start: int, end: int) -> torch.Tensor | None:
@@ -100,6 +101,9 @@ class ModelRunner:
         positions = prompt.positions[:, start:end]
         positions = positions.to(device) if positions.device.type == device.type else to_device(
             positions.tolist(), torch.long, device)
+        if device.type == "cuda":  # ids / positions written on the caller's stream (a transfer stage's suffix):
+            for t in (ids, positions):  # their memory must outlive this stream's reads, even if it is cancelled
+                t.record_stream(torch.cuda.current_stream(device))
         with use_backend(self.kernel_backend):
             hidden = self.model(ids, positions, self.pool.kv, meta, image_embeds, visual)
         if request.prompt_logits:
@@ -120,7 +124,6 @@ class ModelRunner:
         if batch != self._batch:
             self._set_batch(batch)
         buf, count = self._buf, len(batch)
-        self._steps += 1
         logits = self._step(buf)[:count]
         tokens = sample(logits, self._rows)
         self._rows.step += 1
@@ -162,8 +165,6 @@ class ModelRunner:
         rows = bucket(len(batch))
         width = max(MIN_WIDTH, bucket(max(len(r.seq.pages) for r in batch)))
         buf = self._buffers.get((rows, width)) or self._allocate(rows, width)
-        if buf is not old_buf:
-            self._steps = 0
         table = torch.full((rows, width), self.pool.scratch_page, dtype=torch.int32)
         for row, request in enumerate(batch):
             table[row, : len(request.seq.pages)] = torch.tensor(request.seq.pages, dtype=torch.int32)
@@ -191,7 +192,8 @@ class ModelRunner:
         if not self.graphable():
             return self._forward(buf, with_mass)
         if with_mass not in buf.graphs:
-            if self._steps == 1:  # the shape's first step: eager, on the capture stream, outside any capture
+            if with_mass not in buf.warm:  # a variant's first step: eager, on the capture stream, outside any
+                buf.warm.add(with_mass)  # capture, so that its kernels are compiled and loaded before one
                 return self._on_capture_stream(buf, with_mass)
             self._capture(buf, with_mass)
         captured = buf.graphs[with_mass]
@@ -226,11 +228,15 @@ class ModelRunner:
         """Record one step of this shape (replay runs it). If the capture fails, the shape runs eagerly from then
         on, with a warning. Another engine's loop may be launching work meanwhile: the capture runs on this
         runner's own stream and checks only this thread's calls; captures take turns."""
-        graph = torch.cuda.CUDAGraph()
+        graph, current = torch.cuda.CUDAGraph(), torch.cuda.current_stream(self.device)
+        if self._graph_pool is None:  # one memory pool for all of this runner's graphs: they replay one at a time
+            self._graph_pool = torch.cuda.graph_pool_handle()
         try:
-            with _CAPTURE_LOCK, torch.cuda.graph(graph, stream=self._stream(), capture_error_mode="thread_local"):
+            with _CAPTURE_LOCK, torch.cuda.graph(graph, pool=self._graph_pool, stream=self._stream(),
+                                                 capture_error_mode="thread_local"):
                 logits = self._forward(buf, with_mass)
-        except RuntimeError as e:
+        except Exception as e:  # Triton's errors are not all RuntimeErrors
+            torch.cuda.set_stream(current)  # a failed capture_end leaves the capture stream current
             rows, width = buf.block_table.shape
             warnings.warn(f"capturing the decode step of {rows} rows x {width} pages as a CUDA graph failed, so that "
                           f"shape runs without one (TANDEM_CUDA_GRAPHS=0 turns graphs off): {e}", RuntimeWarning,
@@ -276,6 +282,7 @@ class ModelRunner:
             key_mass=torch.zeros(rows, slots, dtype=torch.float32, device=device),
             step_mass=torch.zeros(rows, slots, dtype=torch.float32, device=device),
             graphs={},
+            warm=set(),
         )
         self._buffers[rows, width] = buf
         return buf
@@ -314,6 +321,9 @@ class Readout:
             self._pending.popleft()
             out.append((requests, host.tolist()))
         return out
+
+    def clear(self) -> None:
+        self._pending.clear()
 
     def __len__(self) -> int:
         return len(self._pending)

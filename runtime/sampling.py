@@ -2,8 +2,10 @@
 
 Every row draws with the Gumbel-max trick: the token is the argmax of its filtered, temperature-scaled logits plus
 Gumbel noise. The noise comes from a counter-based hash of (the request's seed, the token's index in its reply,
-the token id): nothing syncs the host, and a seeded request draws the same tokens alone or in any batch, since no
-row's noise or filters depend on another row. Filters apply in the order temperature, top-k, top-p, as in
+the token id): nothing syncs the host, and no row's noise or filters depend on another row. So a seeded request
+draws the same tokens alone or in any batch wherever its logits are the same; on the CPU they are, while on CUDA
+the decode attention's split count and cuBLAS's algorithm follow the batch's size, so its logits may differ in
+the last bits and a near-tie may go the other way. Filters apply in the order temperature, top-k, top-p, as in
 transformers: top-k keeps k candidates (torch.topk, no sort of the row); top-p alone sorts the row.
 """
 
@@ -29,8 +31,8 @@ class SamplingParams:
 
     temperature 0 is greedy, and so is any temperature below GREEDY_BELOW (1e-5, as in vLLM: dividing logits by
     less overflows float32 and would sample from infinities); top_k 0 and top_p 1 switch those filters off.
-    Generation stops at max_tokens, at the checkpoint's end-of-sequence ids (unless ignore_eos) and at any of
-    stop_token_ids.
+    Generation stops at max_tokens, at the checkpoint's end-of-sequence ids (unless ignore_eos), at any of
+    stop_token_ids, and where any of the `stop` strings first appears in the text (which is cut before it).
     """
 
     max_tokens: int = DEFAULT_MAX_TOKENS
@@ -39,6 +41,7 @@ class SamplingParams:
     top_k: int | None = None
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
@@ -63,6 +66,13 @@ class SamplingParams:
             if not _is_int(token) or token < 0:
                 raise InputError(f"SamplingParams.stop_token_ids[{i}] = {token!r} is not a token id")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in stops))
+        texts = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(texts, (list, tuple)):
+            raise InputError(f"SamplingParams.stop must be a list of strings, got {self.stop!r}")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text:
+                raise InputError(f"SamplingParams.stop[{i}] = {text!r} is not a non-empty string")
+        object.__setattr__(self, "stop", tuple(texts))
 
     def resolve(self, defaults: "SamplingParams") -> "SamplingParams":
         """These params with each None taken from `defaults` (a temperature below GREEDY_BELOW becomes 0)."""

@@ -121,5 +121,8 @@ def encode(model: Qwen3VL, images: list[torch.Tensor], digests: list[str], confi
                 cache.put(keys[i], found[i])
     for features in found:
         if features.ready is not None:
-            torch.cuda.current_stream(device).wait_event(features.ready)
+            stream = torch.cuda.current_stream(device)
+            stream.wait_event(features.ready)
+            for t in (features.embeds, *features.deepstack):  # made on another engine's stream: an eviction
+                t.record_stream(stream)  # must not hand their memory back before this stream's reads are done
     return VisionFeatures.concat(found), len(images) - len(missing)

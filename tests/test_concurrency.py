@@ -117,37 +117,48 @@ def test_an_aborted_request_leaves_at_the_next_step_and_the_others_finish_unchan
     assert wait_for(lambda: engine.pool.pages_in_use == 0) and held > 0
 
 
+def left_early(engine, steps_before: int, max_tokens: int) -> bool:
+    """The engine is idle again, with no page held, and the request in flight left before its natural end."""
+    return (wait_for(lambda: not engine.scheduler and engine.pool.pages_in_use == 0)
+            and engine.stats.decode_steps - steps_before < max_tokens - 1)
+
+
 def test_closing_or_dropping_a_stream_aborts_its_request(engine):
-    params = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=4000, temperature=0.0, ignore_eos=True)
+    steps = engine.stats.decode_steps
     stream = engine.stream("A long story, please.", params)
     next(stream)
     stream.close()
-    assert wait_for(lambda: not engine.scheduler and engine.pool.pages_in_use == 0)
+    assert left_early(engine, steps, params.max_tokens)
+    steps = engine.stats.decode_steps
     stream = engine.stream("Another long story, please.", params)
     next(stream)
     del stream  # garbage: its finally aborts
-    assert wait_for(lambda: not engine.scheduler and engine.pool.pages_in_use == 0)
+    assert left_early(engine, steps, params.max_tokens)
+    steps = engine.stats.decode_steps
     handle = engine.submit("And one more.", params)
+    assert wait_for(lambda: engine.pool.pages_in_use > 0)  # admitted: the loop holds the request, not the handle
     del handle  # a dropped handle aborts too
-    assert wait_for(lambda: not engine.scheduler and engine.pool.pages_in_use == 0)
+    assert left_early(engine, steps, params.max_tokens)
 
 
 def test_asyncio_calls_share_the_batch_and_cancelling_a_task_aborts(engine, alone):
     async def run():
         outs = await asyncio.gather(*(engine.generate_async(m, p) for m, p in MIXED[:8]))
         pieces = [piece async for piece in engine.stream_async(MIXED[0][0], MIXED[0][1])]
-        task = asyncio.ensure_future(engine.generate_async("Long.", SamplingParams(max_tokens=400, temperature=0.0,
+        steps = engine.stats.decode_steps
+        task = asyncio.ensure_future(engine.generate_async("Long.", SamplingParams(max_tokens=4000, temperature=0.0,
                                                                                    ignore_eos=True)))
         await asyncio.sleep(0.05)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        return outs, "".join(pieces)
+        return outs, "".join(pieces), steps
 
-    outs, text = asyncio.run(run())
+    outs, text, steps = asyncio.run(run())
     assert [o.token_ids for o in outs] == alone[:8]
     assert text == engine.tokenizer.decode(alone[0])
-    assert wait_for(lambda: not engine.scheduler and engine.pool.pages_in_use == 0)
+    assert left_early(engine, steps, 4000)
 
 
 def test_the_queue_limit_refuses_at_submission(tiny_2b):

@@ -100,7 +100,15 @@ def test_a_failed_capture_falls_back_to_eager_steps(tiny_8b):
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert any("as a CUDA graph failed" in m and "rows x" in m for m in messages), messages
     assert all(graph is None for buf in engine.runner._buffers.values() for graph in buf.graphs.values())
-    assert engine.generate(MESSAGES, PARAMS["greedy"]).token_ids == expected  # the shape stays eager, no retry
+    # The shape stays eager, with no retry, and on the engine's own stream: a failed capture must not leave the
+    # loop on the capture stream, where the events recorded on the engine's stream would no longer order anything.
+    streams = []
+    handle = layer.register_forward_pre_hook(lambda module, args: streams.append(torch.cuda.current_stream()))
+    try:
+        assert engine.generate(MESSAGES, PARAMS["greedy"]).token_ids == expected
+    finally:
+        handle.remove()
+    assert streams and all(s == engine._stream for s in streams)
     assert engine.pool.pages_in_use == 0
 
 
