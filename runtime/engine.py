@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import random
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from tandem.runtime.kv_cache import PagePool, Sequence
 from tandem.runtime.loop import Closed, Loop, give_back_cpu_workers
 from tandem.runtime.request import (DeviceSpan, GenerateOutput, Phase, Prefill, QueueFullError, Request,
                                     RequestAborted, RequestHandle)
+from tandem.runtime.reply_text import ReplyText
 from tandem.runtime.runner import ModelRunner, Readout
 from tandem.runtime.sampling import SamplingParams, checkpoint_defaults
 from tandem.runtime.scheduler import Scheduler
@@ -229,14 +231,18 @@ class Engine:
         stop_ids = self.stop_ids(params) if params is not None else frozenset()
         seed = params.seed if params is not None and params.seed is not None else self._seeds.getrandbits(64)
         request = Request(prompt, params, stop_ids, seed, **kind)
+        if params is not None and params.stop:
+            request.text = ReplyText(self.tokenizer, prompt.token_ids if isinstance(prompt.token_ids, list) else [],
+                                     stop_ids, params.stop)
         # Never queue what cannot fit: it would wait for ever.
         self.scheduler.check_fits(request.total_tokens + (request.max_tokens > 0), request.parent, request.headroom)
-        request.handle = RequestHandle(request, self.tokenizer, self.abort)
+        handle = RequestHandle(request, self.tokenizer, self.abort)
+        request.handle = weakref.ref(handle)
         request.timings.prompt_tokens, request.timings.image_tokens = len(prompt), prompt.image_tokens
         if self.device.type == "cpu":
             give_back_cpu_workers()
         self.loop.post(("add", request))
-        return request.handle
+        return handle
 
     # ---- the loop (the engine's thread) -----------------------------------------------------------------------
     def _loop_context(self) -> contextlib.ExitStack:
@@ -335,12 +341,17 @@ class Engine:
             if request.phase is Phase.DONE:
                 continue  # aborted or failed meanwhile: a token computed past its end
             request.tokens.append(token)
-            request.handle.publish([token])
+            handle = request.handle()
+            if handle is not None:
+                handle.publish([token])
             if len(request.tokens) == 1:
                 request.timings.first_token_s = now - request.submitted
                 request.first_read = now
             request.timings.decode_s = now - request.first_read
-            if token in request.stop_ids or len(request.tokens) == request.max_tokens:
+            if request.text is not None:
+                request.text.add([token])
+            stop_text = request.text is not None and request.text.stopped
+            if token in request.stop_ids or len(request.tokens) == request.max_tokens or stop_text:
                 self._finish(request, None)
 
     def _finish(self, request: Request, error: BaseException | None) -> None:
@@ -352,30 +363,40 @@ class Engine:
                 self.runner.flush_mass(request)
         self.scheduler.remove(request)
         self._requests.pop(request.id, None)
-        timings = request.timings
-        timings.output_tokens, timings.decode_steps = len(request.tokens), request.fed
-        for name, span in request.spans:  # device-timed: their work is done once the request's tokens are read
-            setattr(timings, name, getattr(timings, name) + span.seconds())
-        if error is not None:
-            value: object = error
-        elif request.params is None:
-            value = Prefill(request.seq if request.keep_sequence else None,
-                            torch.cat(request.logits) if request.prompt_logits else None, timings,
-                            request.vision_cache_hit)
-        else:
-            value = self._output(request)
-        if request.seq is not None and not (request.keep_sequence and error is None):
-            request.seq.release()
-        if self._stream is not None and (request.prompt_logits or request.key_mass):
-            value.ready = torch.cuda.Event()  # device results: the caller's stream waits for this one's work
-            value.ready.record(self._stream)
-        request.handle.finish(value)
+        value: object = error
+        try:  # device work (a span's event, a copy) may raise after a device error: the request still ends
+            timings = request.timings
+            timings.output_tokens, timings.decode_steps = len(request.tokens), request.fed
+            for name, span in request.spans:  # device-timed: their work is done once the request's tokens are read
+                setattr(timings, name, getattr(timings, name) + span.seconds())
+            if error is not None:
+                pass
+            elif request.params is None:
+                value = Prefill(request.seq if request.keep_sequence else None,
+                                torch.cat(request.logits) if request.prompt_logits else None, timings,
+                                request.vision_cache_hit)
+            else:
+                value = self._output(request)
+            if error is None and self._stream is not None and (request.prompt_logits or request.key_mass):
+                value.ready = torch.cuda.Event()  # device results: the caller's stream waits for this one's work
+                value.ready.record(torch.cuda.current_stream(self.device))
+        except Exception as e:
+            value = e
+        finally:
+            if request.seq is not None and not (request.keep_sequence and not isinstance(value, BaseException)):
+                request.seq.release()
+            handle = request.handle()
+            if handle is not None:
+                handle.finish(value)
 
     def _output(self, request: Request) -> GenerateOutput:
         ids = request.tokens
         text_ids, stopped = self.without_stop(ids, request.params)
-        output = GenerateOutput(self.tokenizer.decode(text_ids), list(ids), "stop" if stopped else "length",
-                                request.timings)
+        if request.text is not None and request.text.stopped:  # a stop string: the text is cut before it
+            text, stopped = request.text.final, True
+        else:
+            text = self.tokenizer.decode(text_ids)
+        output = GenerateOutput(text, list(ids), "stop" if stopped else "length", request.timings)
         if request.key_mass:
             start = request.seq.length - request.fed  # the prompt's end: the first output token's position
             output.key_mass = request.mass[start : start + len(text_ids)]
@@ -388,8 +409,10 @@ class Engine:
             error = RequestAborted("the engine was closed")
         with contextlib.suppress(Exception):
             self.runner.reset()
-        with contextlib.suppress(Exception):
+        try:
             self._readout.ready(drain=True)
+        except Exception:
+            self._readout.clear()  # a step that can never be read must not keep the loop from waiting
         for request in list(self._requests.values()):
             with contextlib.suppress(Exception):
                 self._finish(request, error)

@@ -21,8 +21,9 @@ import torch
 
 from tandem.models.errors import InputError
 from tandem.models.prompt import Prompt
-from tandem.models.tokenizer import IncrementalDetokenizer, Tokenizer
+from tandem.models.tokenizer import Tokenizer
 from tandem.runtime.kv_cache import Sequence
+from tandem.runtime.reply_text import ReplyText
 from tandem.runtime.sampling import SamplingParams
 
 
@@ -135,6 +136,7 @@ class Request:
     next_token: torch.Tensor | None = None  # [1] on the device: the first token, until the decode batch takes it
     fed: int = 0  # decode steps launched with this request
     tokens: list[int] = field(default_factory=list)  # generated ids the host has read
+    text: ReplyText | None = None  # with stop strings: the reply's text, watched for them
     mass: torch.Tensor | None = None  # [prompt + max_tokens] float32 on the device, with key_mass
     logits: list[torch.Tensor] = field(default_factory=list)  # prompt logits per chunk, with prompt_logits
     timings: Timings = field(default_factory=Timings)
@@ -142,7 +144,7 @@ class Request:
     submitted: float = field(default_factory=time.perf_counter)
     first_read: float = 0.0  # when the host read the first token
     vision_cache_hit: bool | None = None  # were all its images' features cached?
-    handle: RequestHandle | None = None
+    handle: "weakref.ref[RequestHandle] | None" = None  # weak: a handle its caller drops aborts the request
 
     @property
     def max_tokens(self) -> int:
@@ -170,6 +172,7 @@ class RequestHandle:
         self.request_id = request.id
         self._tokenizer, self._abort, self._prompt_ids = tokenizer, abort, request.prompt.token_ids
         self._stop_ids = request.stop_ids
+        self._stop_texts = request.params.stop if request.params is not None else ()
         self._tokens: list[int] = []
         self._done = False
         self._value: object = None  # the outcome: GenerateOutput, Prefill, or an exception
@@ -235,22 +238,23 @@ class RequestHandle:
         return self._outcome()
 
     def stream(self) -> Iterator[str]:
-        """The reply's text, piece by piece as the tokens arrive (never half a UTF-8 character; the stop token
-        not included). Closing the iterator early aborts the request."""
-        detok = IncrementalDetokenizer(self._tokenizer, self._prompt_ids if isinstance(self._prompt_ids, list) else [])
-        seen = 0
+        """The reply's text, piece by piece as the tokens arrive (never half a UTF-8 character, nothing a stop
+        string will cut, the stop token not included). Closing the iterator early aborts the request."""
+        text, seen = self._reply_text(), 0
         try:
             while True:
                 done = self._done  # read first: tokens published before the outcome are all there then
                 new = self._tokens[seen:]
                 seen += len(new)
-                yield from self._pieces(detok, new)
+                piece = text.add(new)
+                if piece:
+                    yield piece
                 if done and seen == len(self._tokens):
                     break
                 if not new:
                     self._sleep(None)
             self._outcome()  # an error raises here, after the text that came before it
-            tail = detok.flush()
+            tail = text.finish()
             if tail:
                 yield tail
         finally:
@@ -271,14 +275,14 @@ class RequestHandle:
         return self._outcome()
 
     async def stream_async(self) -> AsyncIterator[str]:
-        detok = IncrementalDetokenizer(self._tokenizer, self._prompt_ids if isinstance(self._prompt_ids, list) else [])
-        event, seen = self._register(), 0
+        text, event, seen = self._reply_text(), self._register(), 0
         try:
             while True:
                 done = self._done
                 new = self._tokens[seen:]
                 seen += len(new)
-                for piece in self._pieces(detok, new):
+                piece = text.add(new)
+                if piece:
                     yield piece
                 if done and seen == len(self._tokens):
                     break
@@ -286,20 +290,16 @@ class RequestHandle:
                     await event.wait()
                     event.clear()
             self._outcome()
-            tail = detok.flush()
+            tail = text.finish()
             if tail:
                 yield tail
         finally:
             self._unregister(event)
             self.abort()
 
-    def _pieces(self, detok: IncrementalDetokenizer, tokens: list[int]) -> Iterator[str]:
-        for token in tokens:
-            if token in self._stop_ids:
-                return
-            piece = detok.add(token)
-            if piece:
-                yield piece
+    def _reply_text(self) -> ReplyText:
+        return ReplyText(self._tokenizer, self._prompt_ids if isinstance(self._prompt_ids, list) else [],
+                         self._stop_ids, self._stop_texts)
 
     def _register(self) -> asyncio.Event:
         event = asyncio.Event()
