@@ -1,5 +1,6 @@
-"""The `tandem` command: `generate` (one model), `ask` (the large + small pair), `demo`, and the commands other
-installed packages register in the entry-point group "tandem.commands" (`bench`, from tandem.bench).
+"""The `tandem` command: `generate` (one model), `ask` (the large + small pair), `demo`, `serve` (the OpenAI API:
+runtime/serve.py), and the commands other installed packages register in the entry-point group "tandem.commands"
+(`bench`, from tandem.bench).
 
 Everything that can be checked before a weight is loaded is: numbers (by argparse, so the error names the flag),
 flags that would have no effect, the engine settings, the images (decoded once, here, and handed on as pixels)
@@ -118,6 +119,15 @@ def _parser() -> argparse.ArgumentParser:
     _add_engine_args(demo)
     demo.set_defaults(run=_demo)
 
+    serve = _command(commands, "serve", "serve the OpenAI chat-completions API over one model or the pair",
+                     "Model ids: with --model, its name; with the pair, each model's name (plain chat) and one per "
+                     "policy,\ntandem-" + ", tandem-".join(POLICIES) + ".")
+    from tandem.runtime import serve as serving
+
+    serving.add_arguments(serve, _positive_int, _positive_float)
+    _add_engine_args(serve)
+    serve.set_defaults(run=lambda args: serving.run(args, _engine_settings(args)))
+
     # Commands of other installed packages (tandem.bench's `bench`): registered through the entry-point group, so
     # the runtime never imports what measures it.
     for command in entry_points(group="tandem.commands"):
@@ -215,6 +225,7 @@ _count = _number(int, lambda v: v >= 0, "an integer >= 0")
 _seed = _number(int, lambda v: 0 <= v < 2**64, "an integer in [0, 2**64)")
 _temperature = _number(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 _fraction = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+_positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
 
 
 def _text(text: str) -> str:

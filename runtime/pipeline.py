@@ -55,6 +55,7 @@ class _Prefix:
 class _Request:
     question: str
     policy: str
+    budget: Budget
     start: float  # time.perf_counter() when the request came in
     image: torch.Tensor | None = None  # decoded uint8 [3, H, W] on the CPU, once every check has passed
     digest: str = ""
@@ -94,21 +95,22 @@ class Tandem:
         return cls(*engines, prompts=prompts, budget=budget, vision_cache_bytes=vision_cache_bytes, overlap=overlap)
 
     def answer(self, image, question: str, policy: str = "verify", keep: str = "all", delta: float = DEFAULT_DELTA,
-               on_text: Callable[[str, str, str], None] | None = None) -> TandemResult:
+               on_text: Callable[[str, str, str], None] | None = None, budget: Budget | None = None) -> TandemResult:
         """`answer_async`, run to its end here (not from inside a running event loop: await answer_async there)."""
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            return asyncio.run(self.answer_async(image, question, policy, keep, delta, on_text))
+            return asyncio.run(self.answer_async(image, question, policy, keep, delta, on_text, budget))
         raise InputError("Tandem.answer was called inside a running event loop: await answer_async(...) there")
 
     async def answer_async(self, image, question: str, policy: str = "verify", keep: str = "all",
-                           delta: float = DEFAULT_DELTA,
-                           on_text: Callable[[str, str, str], None] | None = None) -> TandemResult:
+                           delta: float = DEFAULT_DELTA, on_text: Callable[[str, str, str], None] | None = None,
+                           budget: Budget | None = None) -> TandemResult:
         """Answer `question` about `image` (anything the engine takes as an image: a file path, data URL, bytes,
         PIL image, numpy HWC array or torch CHW tensor) with the given policy. Everything is checked, the image's
         size against both caches included, before the image is decoded. on_text(model, role, piece) receives each
-        stage's text as it is decoded (two stages may alternate). Cancelling the task stops its stages."""
+        stage's text as it is decoded (two stages may alternate). `budget` replaces the pair's Budget for this request.
+        Cancelling the task stops its stages."""
         if policy not in POLICIES:
             raise InputError(f"policy {policy!r} is not one of {', '.join(POLICIES)}")
         if keep not in KEEP_MODES:
@@ -120,7 +122,9 @@ class Tandem:
                              f"the question must be a string, got {type(question).__name__}")
         if on_text is not None and not callable(on_text):
             raise InputError(f"on_text must be callable, got {type(on_text).__name__}")
-        request = _Request(question.strip(), policy, time.perf_counter(), on_text=on_text)
+        if budget is not None and not isinstance(budget, Budget):
+            raise InputError(f"budget must be a Budget, got {type(budget).__name__}")
+        request = _Request(question.strip(), policy, budget or self.budget, time.perf_counter(), on_text=on_text)
         size = image_size(image, 0)
         for model in POLICY_MODELS[policy]:
             engine = self.engines[model]
@@ -161,12 +165,12 @@ class Tandem:
 
     async def _short(self, request: _Request, model: str) -> tuple[Stage, GenerateOutput]:
         suffix = self._suffix_ids(request, model, "\n" + self.prompts.short)
-        return await self._stage(request, model, "answer", suffix, self.budget.short_tokens)
+        return await self._stage(request, model, "answer", suffix, request.budget.short_tokens)
 
     async def _reason(self, request: _Request, model: str, scored: bool) -> tuple[Stage, GenerateOutput]:
         """A reasoning stage; when `scored`, its output carries the attention each token received (key mass)."""
         suffix = self._suffix_ids(request, model, "\n" + self.prompts.reason)
-        return await self._stage(request, model, "reason", suffix, self.budget.reason_tokens, key_mass=scored)
+        return await self._stage(request, model, "reason", suffix, request.budget.reason_tokens, key_mass=scored)
 
     async def _transfer(self, request: _Request, reasoning: tuple[Stage, GenerateOutput], delta: float) -> Stage:
         """The large model answers with the small model's (kept) reasoning ids spliced into its instruction."""
@@ -188,7 +192,7 @@ class Tandem:
         if device.type == "cuda":  # made on this thread's stream: the large engine's stream waits for it
             ready = torch.cuda.Event()
             ready.record()
-        transfer, _ = await self._stage(request, "large", "transfer", suffix, self.budget.short_tokens,
+        transfer, _ = await self._stage(request, "large", "transfer", suffix, request.budget.short_tokens,
                                         positions=positions.expand(3, -1), ready=ready)
         transfer.kept_indices = keep.tolist()
         transfer.reasoning_tokens = len(ids)
@@ -201,8 +205,8 @@ class Tandem:
         """Fork the model's prefix, prefill `suffix` on it, decode."""
         engine = self.engines[model]
         prefix = await self._prefix(request, model)
-        params = engine.resolve(SamplingParams(max_tokens=max_tokens, temperature=self.budget.temperature,
-                                               ignore_eos=self.budget.ignore_eos))
+        params = engine.resolve(SamplingParams(max_tokens=max_tokens, temperature=request.budget.temperature,
+                                               ignore_eos=request.budget.ignore_eos))
         if positions is None:
             start = prefix.seq.length + prefix.rope_delta
             positions = torch.arange(start, start + len(suffix)).expand(3, -1)
@@ -216,6 +220,7 @@ class Tandem:
             model=model, role=role, input_tokens=prefix.seq.length + len(suffix), prefilled_tokens=len(suffix),
             suffix_ids=suffix.tolist() if isinstance(suffix, torch.Tensor) else list(suffix),
             output_ids=out.token_ids, text=out.text, answer=extract_answer(out.text), timings=replace(out.timings),
+            finish_reason=out.finish_reason,
         )
         if prefix.first_stage_pending:  # the prefix's cost belongs to the stage that needed it first
             prefix.first_stage_pending = False
@@ -257,7 +262,7 @@ class Tandem:
     def _stage_tokens(self, request: _Request, model: str) -> int:
         """The largest stage the request's policy runs on this model: its suffix and max_tokens (a transfer
         suffix counted with every reasoning token kept)."""
-        b, policy = self.budget, request.policy
+        b, policy = request.budget, request.policy
         sizes = []
         if policy in ("large", "small", "verify") and (model == policy or (policy == "verify" and model == "large")):
             sizes.append(len(self._suffix_ids(request, model, "\n" + self.prompts.short)) + b.short_tokens)

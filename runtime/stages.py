@@ -71,6 +71,7 @@ class Stage:
     kept_indices: list[int] | None = None  # transfer: which reasoning tokens were handed over, of...
     reasoning_tokens: int | None = None  # ...this many
     vision_cache_hit: bool | None = None  # on a model's first stage: were its image features cached?
+    finish_reason: str = "stop"  # "stop" (a stop token) or "length" (the stage's budget reached)
 
     @property
     def kept_fraction(self) -> float | None:
@@ -91,7 +92,15 @@ class TandemResult:
         sums = {k: sum(getattr(s.timings, k) for s in self.stages) for k in ("vision_s", "prefill_s", "decode_s")}
         return {**sums, "total_s": self.total_s, "verdict_s": self.verdict_s}
 
-    def to_json(self) -> str:
+    @property
+    def final_stage(self) -> Stage:
+        """The stage whose output is the answer: the last one, or verify's short answer when the answers agreed."""
+        return self.stages[0] if self.agreed else self.stages[-1]
+
+    def to_dict(self) -> dict:
         stages = [{**asdict(s), "kept_fraction": s.kept_fraction} for s in self.stages]
-        return json.dumps({"answer": self.answer, "policy": self.policy, "agreed": self.agreed,
-                           "timings": self.timings, "stages": stages}, ensure_ascii=False, indent=2)
+        return {"answer": self.answer, "policy": self.policy, "agreed": self.agreed, "timings": self.timings,
+                "stages": stages}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False, indent=2)

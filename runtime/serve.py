@@ -1,0 +1,150 @@
+"""`tandem serve`: the OpenAI-compatible server (runtime/server.py) over one model or the pair, in this process, or
+scaled out on Ray Serve: one replica per GPU (CPU-only replicas where there is none), Ray's proxy spreading the
+requests. FastAPI, uvicorn and Ray are extras, imported only when a server starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+from pathlib import Path
+
+from tandem.models.errors import InputError
+from tandem.models.hub import resolve_checkpoint
+from tandem.runtime.config import EngineConfig
+from tandem.runtime.media import DEFAULT_FETCH_TIMEOUT_S, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, MediaLimits
+from tandem.runtime.stages import Budget
+
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
+
+
+def add_arguments(p: argparse.ArgumentParser, positive_int, positive_float) -> None:
+    models = p.add_argument_group("models (--model, or --large and --small)")
+    models.add_argument("--model", metavar="DIR|ID", help="serve one model (plain chat)")
+    models.add_argument("--large", metavar="DIR|ID", help="serve the pair: its large model...")
+    models.add_argument("--small", metavar="DIR|ID", help="...and its small model")
+    models.add_argument("--served-model-name", metavar="NAME",
+                        help="the id clients ask for with --model (default: the folder's name, or the hub id)")
+    http = p.add_argument_group("http")
+    http.add_argument("--host", default=DEFAULT_HOST, help="(default: %(default)s)")
+    http.add_argument("--port", type=int, default=DEFAULT_PORT, help="(default: %(default)s)")
+    http.add_argument("--api-key", metavar="KEY", help="requests to /v1 must send Authorization: Bearer KEY")
+    media = p.add_argument_group("images")
+    media.add_argument("--allowed-local-media-path", type=Path, metavar="DIR",
+                       help="file:// image URLs are served from under this directory (default: refused)")
+    media.add_argument("--fetch-timeout", type=positive_float, default=DEFAULT_FETCH_TIMEOUT_S, metavar="S",
+                       help="seconds an http(s) image may take to fetch (default: %(default)s)")
+    media.add_argument("--max-image-bytes", type=positive_int, default=DEFAULT_MAX_IMAGE_BYTES, metavar="N",
+                       help="(default: %(default)s)")
+    media.add_argument("--max-image-pixels", type=positive_int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
+                       help="width x height, read from the header before decoding (default: %(default)s)")
+    pair = p.add_argument_group("the pair")
+    pair.add_argument("--short-tokens", type=positive_int, default=Budget.short_tokens, metavar="N",
+                      help="output tokens of a short answer (default: %(default)s; a request's max_tokens may cap it)")
+    pair.add_argument("--reason-tokens", type=positive_int, default=Budget.reason_tokens, metavar="N",
+                      help="output tokens of a reasoning stage (default: %(default)s)")
+    batch = p.add_argument_group("batching (each engine)")
+    batch.add_argument("--max-running", type=positive_int, metavar="N",
+                       help=f"sequences decoded together at most (default: {EngineConfig.max_running})")
+    batch.add_argument("--max-waiting", type=positive_int, metavar="N",
+                       help=f"requests queued at most; past it a request gets 429 (default: {EngineConfig.max_waiting})")
+    scale = p.add_argument_group("scale-out")
+    scale.add_argument("--ray", action="store_true", help="deploy on Ray Serve (pip install 'tandem-vlm[ray]')")
+    scale.add_argument("--replicas", type=positive_int, default=1, metavar="N",
+                       help="with --ray: replicas, each with its own copy of the models (default: %(default)s)")
+    scale.add_argument("--ray-address", metavar="ADDR", help="with --ray: a running cluster (default: start one)")
+
+
+def run(args: argparse.Namespace, settings: dict) -> int:
+    """Check the flags, then serve until interrupted."""
+    pair = args.large is not None or args.small is not None
+    if pair == (args.model is not None) or (pair and None in (args.large, args.small)):
+        raise InputError("give --model DIR (one model), or --large DIR and --small DIR (the pair)")
+    if pair and args.served_model_name:
+        raise InputError("--served-model-name names a single model; the pair's ids are its models' names and "
+                         "tandem-<policy>")
+    if not args.ray and args.replicas != 1:
+        raise InputError("--replicas needs --ray: one process serves one copy of the models")
+    settings = {**settings, **{name: getattr(args, name) for name in ("max_running", "max_waiting")
+                               if getattr(args, name) is not None}}
+    checkpoints = (args.large, args.small) if pair else (args.model,)
+    paths = tuple(resolve_checkpoint(c) for c in checkpoints)  # every one, before any loads
+    names = (args.served_model_name,) if args.served_model_name else tuple(map(_name, checkpoints))
+    load = functools.partial(load_served, paths, names, settings,
+                             Budget(short_tokens=args.short_tokens, reason_tokens=args.reason_tokens))
+    from tandem.runtime.server import ServerConfig, run_server
+
+    config = ServerConfig(args.api_key, MediaLimits(args.fetch_timeout, args.max_image_bytes, args.max_image_pixels,
+                                                    args.allowed_local_media_path))
+    if args.ray:
+        serve_on_ray(load, config, args.host, args.port, args.replicas, args.ray_address)
+    else:
+        run_server(load(), config, args.host, args.port)
+    return 0
+
+
+def load_served(paths: tuple[Path, ...], names: tuple[str, ...], settings: dict, budget: Budget):
+    """The models of a server (one, or the pair), loaded: `Served`."""
+    from tandem.runtime.engine import Engine
+    from tandem.runtime.pipeline import Tandem, shared_kv_tokens
+    from tandem.runtime.server import Served
+
+    if len(paths) == 1:
+        return Served.one(names[0], Engine.from_pretrained(paths[0], **settings))
+    if settings.get("kv_cache_tokens") is None:  # the two caches share one device's memory
+        settings = {**settings, "kv_cache_tokens": shared_kv_tokens(list(paths), settings["device"],
+                                                                     settings["dtype"])}
+    large, small = (Engine.from_pretrained(p, **settings) for p in paths)
+    return Served.of_pair(Tandem(large, small, budget=budget), *names)
+
+
+def ray_app(load, config, replicas: int = 1, gpus_per_replica: float | None = None):
+    """A Ray Serve application of `replicas` servers, each loading its models with `load()` (picklable: e.g.
+    functools.partial(load_served, ...)): pass it to ray.serve.run. One GPU per replica where the cluster has GPUs."""
+    import ray
+    from ray import serve
+
+    from tandem.runtime.server import build_app
+
+    if gpus_per_replica is None:
+        gpus_per_replica = 1 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) else 0
+
+    @serve.ingress()
+    class TandemServer:
+        def __init__(self):
+            self.served = load()
+
+        def __serve_build_asgi_app__(self):
+            return build_app(self.served, config)
+
+        def __del__(self):
+            self.served.close()
+
+    options = {"num_gpus": gpus_per_replica, "num_cpus": 0 if gpus_per_replica else 1}
+    deployment = serve.deployment(TandemServer, name="tandem", num_replicas=replicas, ray_actor_options=options,
+                                  max_ongoing_requests=1024)
+    return deployment.bind()
+
+
+def serve_on_ray(load, config, host: str, port: int, replicas: int, address: str | None) -> None:
+    """Start (or join) a Ray cluster, deploy, and serve until interrupted."""
+    import ray
+    from ray import serve
+
+    ray.init(address=address)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(ray_app(load, config, replicas), name="tandem", route_prefix="/")
+        print(f"tandem: {replicas} replica(s) on Ray Serve at http://{host}:{port}/v1", flush=True)
+        while True:
+            time.sleep(3600)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _name(checkpoint: str) -> str:
+    """A model's id: its folder's name, or the hub id as given."""
+    path = Path(checkpoint)
+    return path.name if path.exists() else str(checkpoint)
