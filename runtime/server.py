@@ -15,6 +15,8 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
@@ -270,7 +272,24 @@ def build_app(served: Served, config: ServerConfig = ServerConfig()) -> FastAPI:
         return JSONResponse(api.error(str(e.detail), type_, e.status_code), status_code=e.status_code)
 
     app.add_exception_handler(HTTPException, http_error)
+    app.add_middleware(ProcessHeader)
     return app
+
+
+class ProcessHeader:
+    """Every response names the process that served it (`x-tandem-process: host:pid`): behind a proxy spreading
+    requests over replicas, a client can tell them apart. Plain ASGI, so streaming and disconnects pass as they are."""
+
+    def __init__(self, app):
+        self.app, self.value = app, f"{socket.gethostname()}:{os.getpid()}".encode()
+
+    async def __call__(self, scope, receive, send):
+        async def tagged(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-tandem-process", self.value)]
+            await send(message)
+
+        await self.app(scope, receive, tagged if scope["type"] == "http" else send)
 
 
 def _image_and_question(messages: list[dict], model: str):
