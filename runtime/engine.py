@@ -90,6 +90,8 @@ class Engine:
         tokens = config.kv_cache_tokens or default_kv_tokens(
             device, PagePool.bytes_per_token(text, dtype), text.max_position_embeddings, kv_weights_reserved)
         pool = PagePool(text, -(-tokens // config.page_size), config.page_size, device, dtype)
+        if device.type == "cpu":
+            give_back_cpu_workers()  # the team loading made would throttle the loop's (a server's thread never submits)
         return cls(model, tokenizer, image_config, pool, defaults, eos_ids, config, vision_cache)
 
     @property
