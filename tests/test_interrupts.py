@@ -22,6 +22,7 @@ from tandem.runtime import pipeline
 from tandem.runtime.engine import Engine as _Engine
 from tandem.runtime.kv_cache import PagePool, Sequence, release_all
 from tandem.runtime.loop import Loop
+from tandem.runtime.reply_text import ReplyText
 from tandem.runtime.request import RequestHandle
 
 from conftest import random_image, wait_for
@@ -30,7 +31,7 @@ KV_CODE = [PagePool.allocate, PagePool.release, PagePool.retain, PagePool.reclai
            Sequence.reserve, Sequence.fork_from, Sequence.release, Sequence._copy_last_page, release_all]
 CALLER_CODE = [_Engine.generate, _Engine.generate_batch, _Engine.stream, _Engine.submit, _Engine.prepare,
                _Engine._submit, Loop.post, _Engine.abort, RequestHandle.result, RequestHandle.stream,
-               RequestHandle._pieces, RequestHandle.abort]
+               RequestHandle._reply_text, ReplyText.add, ReplyText.finish, RequestHandle.abort]
 PAIR_CODE = [Tandem.answer, Tandem.answer_async, Tandem._run_policy, Tandem._stage, Tandem._prefix,
              Tandem._build_prefix, Tandem._release, Tandem._transfer, Tandem._reason, Tandem._short, pipeline._all,
              pipeline._result, RequestHandle.result_async, RequestHandle.stream_async]
