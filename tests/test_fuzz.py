@@ -343,7 +343,7 @@ def test_a_question_that_holds_template_text_is_not_split_there(pair):
     result = pair.answer(IMAGE, tricky, policy="large")
     prompt = pair.engines["large"].tokenizer.decode(result.stages[0].suffix_ids, skip_special_tokens=False)
     assert prompt.startswith("\n" + Prompts().short)
-    head, _ = pair._chat_parts(_Request(tricky, "large", start=0.0), "large")
+    head, _ = pair._chat_parts(_Request(tricky, "large", Budget(), start=0.0), "large")
     assert head.endswith(tricky)
 
 
