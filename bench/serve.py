@@ -83,11 +83,11 @@ class ServerProcess:
         status = Path(f"/proc/{self.process.pid}/status").read_text()
         return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
 
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        """Stop it (SIGINT: as Ctrl-C does) -> its exit status."""
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Stop it (SIGINT: as Ctrl-C does) -> its exit status; killed if it has not ended within `timeout` s."""
         self.process.send_signal(sig)
         try:
-            self.process.wait(timeout=30)
+            self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()

@@ -221,11 +221,6 @@ class Engine:
         the params' stop_token_ids."""
         return frozenset(() if params.ignore_eos else self.eos_ids) | frozenset(params.stop_token_ids)
 
-    def without_stop(self, ids: list[int], params: SamplingParams) -> tuple[list[int], bool]:
-        """(generated ids without the stop token that ended them, whether one did)."""
-        finished = bool(ids) and ids[-1] in self.stop_ids(params)
-        return (ids[:-1] if finished else ids), finished
-
     def _submit(self, prompt: Prompt, params: SamplingParams | None, **kind) -> RequestHandle:
         if len(self.scheduler.waiting) + len(self.loop) >= self.config.max_waiting:
             raise QueueFullError(f"the engine's queue is full ({self.config.max_waiting} requests waiting, "
@@ -378,7 +373,7 @@ class Engine:
                                 torch.cat(request.logits) if request.prompt_logits else None, timings,
                                 request.vision_cache_hit)
             else:
-                value = self._output(request)
+                value = request.output(self.tokenizer)
             if error is None and self._stream is not None and (request.prompt_logits or request.key_mass):
                 value.ready = torch.cuda.Event()  # device results: the caller's stream waits for this one's work
                 value.ready.record(torch.cuda.current_stream(self.device))
@@ -390,19 +385,6 @@ class Engine:
             handle = request.handle()
             if handle is not None:
                 handle.finish(value)
-
-    def _output(self, request: Request) -> GenerateOutput:
-        ids = request.tokens
-        text_ids, stopped = self.without_stop(ids, request.params)
-        if request.text is not None and request.text.stopped:  # a stop string: the text is cut before it
-            text, stopped = request.text.final, True
-        else:
-            text = self.tokenizer.decode(text_ids)
-        output = GenerateOutput(text, list(ids), "stop" if stopped else "length", request.timings)
-        if request.key_mass:
-            start = request.seq.length - request.fed  # the prompt's end: the first output token's position
-            output.key_mass = request.mass[start : start + len(text_ids)]
-        return output
 
     def _fail_all(self, error: BaseException) -> None:
         """Fail every request in flight with `error` (an exception in the loop itself; on close, RequestAborted);

@@ -156,6 +156,22 @@ class Request:
         return (self.parent.length if self.parent else 0) + len(self.prompt) + max(self.max_tokens - 1, 0)
 
 
+    def output(self, tokenizer: Tokenizer) -> GenerateOutput:
+        """The finished generation: its ids, and its text without the stop token (or cut before a stop string)."""
+        ids = self.tokens
+        stopped = bool(ids) and ids[-1] in self.stop_ids
+        text_ids = ids[:-1] if stopped else ids
+        if self.text is not None and self.text.stopped:
+            text, stopped = self.text.final, True
+        else:
+            text = tokenizer.decode(text_ids)
+        output = GenerateOutput(text, list(ids), "stop" if stopped else "length", self.timings)
+        if self.key_mass:
+            start = self.seq.length - self.fed  # the prompt's end: the first output token's position
+            output.key_mass = self.mass[start : start + len(text_ids)]
+        return output
+
+
 class RequestHandle:
     """The caller's view of a submitted request. Thread-safe; asyncio-safe through the *_async methods.
 

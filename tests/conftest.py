@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -16,6 +17,11 @@ if not torch.cuda.is_available():
 
 from tandem.models.tiny import build_random_checkpoint
 
+# A shell without job control starts a background command with SIGINT ignored, and every process it starts
+# inherits that: the tests that interrupt, and the servers they stop with SIGINT, need Python's own handler.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 # Tests of Triton on CPU tensors run only under the interpreter; on a CUDA machine their `gpu` twins run compiled.
 needs_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or torch.cuda.is_available(),
                                        reason="needs Triton's CPU interpreter (TRITON_INTERPRET=1, no CUDA)")
@@ -28,6 +34,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def sigint_left_as_found():
+    """Every test leaves Ctrl-C as it found it: Python's handler in place and SIGINT not blocked. A leak would make
+    later tests that interrupt (tests/test_interrupts.py) or stop servers with SIGINT fail far from its cause."""
+    yield
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, signal.getsignal(signal.SIGINT)
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, []), "SIGINT is left blocked"
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ def servers(tiny_8b, tiny_2b, tmp_path_factory):
         raise
     yield one, ray
     one.stop()
-    assert ray.stop(signal.SIGINT) == 0, (logs / "ray.log").read_text()[-3000:]
+    assert ray.stop(signal.SIGINT, timeout=90) == 0, (logs / "ray.log").read_text()[-3000:]  # Ray's own shutdown
 
 
 def requests(tiny_2b, image: Path) -> list[dict]:
