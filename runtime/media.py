@@ -63,13 +63,13 @@ def _from_data_url(url: str, where: str, limits: MediaLimits) -> bytes:
 
 
 async def _fetch(url: str, where: str, limits: MediaLimits) -> bytes:
-    import httpx  # the server's extra
-
     try:
         return await asyncio.wait_for(_get(url, where, limits), limits.fetch_timeout_s)
     except asyncio.TimeoutError:
         raise InputError(f"{where}: fetching {_short(url)} took longer than {limits.fetch_timeout_s:g} s") from None
-    except httpx.HTTPError as e:
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - httpx.HTTPError, and what a malformed URL raises (InvalidURL, ...)
         raise InputError(f"{where}: fetching {_short(url)} failed ({type(e).__name__}: {e})") from None
 
 

@@ -30,6 +30,7 @@ NEUTRAL = {
     "service_tier": (None, "auto", "default"), "modalities": (None, ["text"]), "audio": (None,),
     "prediction": (None,), "reasoning_effort": (None,), "web_search_options": (None,), "verbosity": (None,),
 }
+MAX_STOPS, MAX_STOP_CHARS = 4, 256  # OpenAI's count; each string is matched on the engine's loop, every token
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -97,6 +98,9 @@ def parse_request(body: bytes) -> ChatRequest:
             raise InputError(f"{name} = {value!r} is not supported by Tandem (leave it out)")
     if request.n != 1:
         raise InputError(f"n = {request.n}: Tandem returns one choice per request, so n must be 1")
+    stops = stop_strings(request)
+    if len(stops) > MAX_STOPS or any(len(text) > MAX_STOP_CHARS for text in stops):
+        raise InputError(f"stop: at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters each")
     if request.stream_options is not None and not request.stream:
         raise InputError("stream_options is only for streamed requests (stream: true)")
     return request
@@ -140,11 +144,11 @@ async def chat_messages(request: ChatRequest, limits: MediaLimits) -> list[dict]
         where = f"messages[{i}]"
         if not isinstance(message, dict):
             raise InputError(f"{where}: must be an object with role and content")
-        extra = sorted(set(message) - {"role", "content"})
+        extra = sorted(set(message) - {"role", "content", "name"})  # name: accepted, unused (no place in the template)
         if extra:
-            raise InputError(f"{where}: unsupported field {extra[0]!r} (Tandem takes role and content)")
+            raise InputError(f"{where}: unsupported field {extra[0]!r} (Tandem takes role, content and name)")
         role = message.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise InputError(f"{where}.role: {role!r} is not one of {', '.join(ROLES)}")
         content = message.get("content")
         if isinstance(content, list):

@@ -296,7 +296,10 @@ async def _result(handle: RequestHandle, engine: Engine):
         return await handle.result_async()
     except asyncio.CancelledError:
         while not handle.done:  # the abort is on its way: the outcome comes within a step
-            await asyncio.sleep(0.001)
+            try:
+                await asyncio.sleep(0.001)
+            except asyncio.CancelledError:  # cancelled again meanwhile: the prefix must still come back
+                continue
         if isinstance(handle._value, Prefill) and handle._value.seq is not None:
             engine.release(handle._value.seq)
         raise

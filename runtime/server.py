@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import os
+import secrets
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -33,7 +34,7 @@ from tandem.runtime.media import MediaLimits
 from tandem.runtime.metrics import CONTENT_TYPE, Metrics
 from tandem.runtime.pipeline import Tandem
 from tandem.runtime.request import QueueFullError, RequestAborted
-from tandem.runtime.selection import DEFAULT_DELTA
+from tandem.runtime.selection import DEFAULT_DELTA, KEEP_MODES
 from tandem.runtime.stages import POLICIES, TandemResult
 
 log = logging.getLogger("tandem.server")
@@ -113,15 +114,15 @@ def build_app(served: Served, config: ServerConfig = ServerConfig()) -> FastAPI:
         if config.api_key is None:
             return
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or key != config.api_key:
+        if scheme.lower() != "bearer" or not secrets.compare_digest(key.encode(), config.api_key.encode()):
             raise Unauthorized("a missing or wrong API key: send Authorization: Bearer <key>")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         authorize(request)
         body = api.parse_request(await request.body())
+        policy = served.policy(body.model)  # an unknown id is a 404 before it can become a metrics label
         request.state.model = body.model
-        policy = served.policy(body.model)
         if policy is None:
             response = await _one(served.engines[body.model], body, request)
         else:
@@ -162,6 +163,8 @@ def build_app(served: Served, config: ServerConfig = ServerConfig()) -> FastAPI:
         image, question = _image_and_question(await api.chat_messages(body, config.media), body.model)
         budget = _budget(served.pair.budget, policy, body)
         keep, delta = body.keep or "all", DEFAULT_DELTA if body.delta is None else body.delta
+        if keep not in KEEP_MODES or not 0 < delta <= 1:  # checked here too, so a streamed request gets its 400
+            raise InputError(f"keep must be one of {', '.join(KEEP_MODES)} and delta in (0, 1]; got {keep!r}, {delta!r}")
         id_ = api.completion_id()
         if body.stream:
             pieces: asyncio.Queue = asyncio.Queue()
@@ -177,7 +180,7 @@ def build_app(served: Served, config: ServerConfig = ServerConfig()) -> FastAPI:
                                            tandem=result.to_dict()))
 
     async def _pair_events(body, id_, work: asyncio.Future, pieces: asyncio.Queue) -> AsyncIterator[dict]:
-        created, sent = int(time.time()), ""
+        created, sent, get = int(time.time()), "", None
         try:
             yield api.chunk(id_, body.model, created, {"role": "assistant", "content": ""})
             while not (work.done() and pieces.empty()):
@@ -198,6 +201,8 @@ def build_app(served: Served, config: ServerConfig = ServerConfig()) -> FastAPI:
                 yield api.chunk(id_, body.model, created, None, usage_=_pair_usage(result))
         finally:
             work.cancel()  # an error, or a client gone: the pair's stages stop and their pages come back
+            if get is not None:
+                get.cancel()
 
     def _count_pair(result: TandemResult) -> None:
         for stage in result.stages:
@@ -217,6 +222,9 @@ def build_app(served: Served, config: ServerConfig = ServerConfig()) -> FastAPI:
                 async for event in events:
                     yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
                 status = 200
+            except QueueFullError as e:
+                status = 429
+                yield f"data: {json.dumps(api.error(str(e), 'rate_limit_error', 429))}\n\n"
             except TandemError as e:
                 status = 400
                 yield f"data: {json.dumps(api.error(str(e), 'invalid_request_error', 400))}\n\n"

@@ -191,6 +191,11 @@ BAD = {  # name: (request changes, status, what the message must say)
     "unsupported field": ({"logprobs": True}, 400, "logprobs = True is not supported"),
     "stop token id": ({"extra_body": {"stop_token_ids": [10**9]}}, 400, "stop_token_ids[0]"),
     "unknown model": ({"model": "gpt-4o"}, 404, "model 'gpt-4o' does not exist"),
+    "role type": ({"messages": [{"role": ["user"], "content": "x"}]}, 400, "messages[0].role"),
+    "malformed url": ({"messages": image_message("http://[::1/a.png", "q")}, 400, "image_url: fetching"),
+    "stop count": ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop: at most 4 strings"),
+    "streamed pair keep": ({"model": "tandem-verify", "messages": image_message(data_url(DEMO_IMAGE), "q"),
+                            "stream": True, "extra_body": {"keep": "x"}}, 400, "keep must be one of"),
 }
 
 
