@@ -31,7 +31,7 @@ from tandem.models.prompt import Messages, Prompt, PromptBuilder, TokenIds
 from tandem.models.tokenizer import Tokenizer
 from tandem.runtime.config import EngineConfig, default_kv_tokens, parse_device, parse_dtype
 from tandem.runtime.kv_cache import PagePool, Sequence
-from tandem.runtime.loop import Closed, Loop, give_back_cpu_workers
+from tandem.runtime.loop import Closed, Loop, free_idle_cpu_workers
 from tandem.runtime.request import (DeviceSpan, GenerateOutput, Phase, Prefill, QueueFullError, Request,
                                     RequestAborted, RequestHandle)
 from tandem.runtime.reply_text import ReplyText
@@ -91,7 +91,7 @@ class Engine:
             device, PagePool.bytes_per_token(text, dtype), text.max_position_embeddings, kv_weights_reserved)
         pool = PagePool(text, -(-tokens // config.page_size), config.page_size, device, dtype)
         if device.type == "cpu":
-            give_back_cpu_workers()  # the team loading made would throttle the loop's (a server's thread never submits)
+            free_idle_cpu_workers()  # the team loading made would throttle the loop's (a server's thread never submits)
         return cls(model, tokenizer, image_config, pool, defaults, eos_ids, config, vision_cache)
 
     @property
@@ -237,7 +237,7 @@ class Engine:
         request.handle = weakref.ref(handle)
         request.timings.prompt_tokens, request.timings.image_tokens = len(prompt), prompt.image_tokens
         if self.device.type == "cpu":
-            give_back_cpu_workers()
+            free_idle_cpu_workers()
         self.loop.post(("add", request))
         return handle
 

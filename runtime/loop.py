@@ -7,7 +7,7 @@ post, and again on a post after `close`; at exit every loop is closed, so no dev
 interpreter shuts down.
 
 On the CPU the loop thread and its caller each own an OpenMP team, and so does every other engine's loop;
-`give_back_cpu_workers` keeps the idle ones from slowing the one at work (see there).
+`free_idle_cpu_workers` keeps the idle ones from slowing the one at work (see there).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class Loop:
         """The messages posted since the last take (waiting for one if `block`), in order. Raises Closed at a
         close message."""
         if block and not self._inbox:
-            give_back_cpu_workers()  # an idle loop holds no OpenMP threads: other engines' loops may be working
+            free_idle_cpu_workers()  # an idle loop holds no OpenMP threads: other engines' loops may be working
         while block and not self._inbox:
             self._wake.wait(IDLE_POLL_S)
             self._wake.clear()
@@ -101,7 +101,7 @@ def _close_all() -> None:
         loop.close(timeout=5.0)
 
 
-def give_back_cpu_workers() -> None:
+def free_idle_cpu_workers() -> None:
     """Free the calling thread's idle OpenMP worker threads: a caller's before it hands CPU work to a loop
     thread, a loop's before it waits for work.
 

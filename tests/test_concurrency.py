@@ -240,7 +240,7 @@ def settled_thread_count() -> int:
 
 @pytest.mark.skipif(not libgomp_loaded() or torch.get_num_threads() < 2, reason="needs Linux, libgomp, 2 threads")
 def test_idle_threads_hold_no_openmp_workers(tiny_2b):
-    # While an idle OpenMP team lives, libgomp throttles the working one (see give_back_cpu_workers): a submit
+    # While an idle OpenMP team lives, libgomp throttles the working one (see free_idle_cpu_workers): a submit
     # frees the caller's team, and a loop frees its own when it has nothing to do.
     engine = Engine.from_pretrained(tiny_2b, device="cpu", dtype="float32", kv_cache_tokens=1024)
     workers = torch.get_num_threads() - 1  # a team of n threads: the thread that made it and n - 1 workers
