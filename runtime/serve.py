@@ -93,16 +93,12 @@ def load_served(paths: tuple[Path, ...], names: tuple[str, ...], settings: dict,
     """The models of a server (one, or the pair), loaded: `Served`."""
     pin_mmap_threshold()
     from tandem.runtime.engine import Engine
-    from tandem.runtime.pipeline import Tandem, shared_kv_tokens
+    from tandem.runtime.pipeline import Tandem
     from tandem.runtime.server import Served
 
     if len(paths) == 1:
         return Served.one(names[0], Engine.from_pretrained(paths[0], **settings))
-    if settings.get("kv_cache_tokens") is None:  # the two caches share one device's memory
-        settings = {**settings, "kv_cache_tokens": shared_kv_tokens(list(paths), settings["device"],
-                                                                     settings["dtype"])}
-    large, small = (Engine.from_pretrained(p, **settings) for p in paths)
-    return Served.of_pair(Tandem(large, small, budget=budget), *names)
+    return Served.of_pair(Tandem.from_pretrained(*paths, budget=budget, **settings), *names)
 
 
 def ray_app(load, config, replicas: int = 1, gpus_per_replica: float | None = None):

@@ -139,12 +139,12 @@ def build_app(served: Served, config: ServerConfig = ServerConfig()) -> FastAPI:
         handle = engine.submit(messages, api.sampling_params(body))
         id_ = api.completion_id()
         if body.stream:
-            return _stream(body, id_, _engine_events(engine, body, handle, id_), handle.abort)
+            return _stream(body, id_, _engine_events(body, handle, id_), handle.abort)
         out = await _unless_disconnected(request, handle.result_async())
         metrics.timings(body.model, out.timings)
         return JSONResponse(api.completion(id_, body.model, out.text, out.finish_reason, api.timings_usage(out.timings)))
 
-    async def _engine_events(engine, body, handle, id_) -> AsyncIterator[dict]:
+    async def _engine_events(body, handle, id_) -> AsyncIterator[dict]:
         created = int(time.time())
         yield api.chunk(id_, body.model, created, {"role": "assistant", "content": ""})
         async for piece in handle.stream_async():
