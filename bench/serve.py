@@ -1,15 +1,15 @@
 """The server under load, from outside: a real `tandem serve` process on 127.0.0.1, driven by concurrent clients.
 
-    python -m tandem.bench.serve [--concurrency 1,8,32] [--requests 64] [--out serve.json]
+    python -m tandem.bench.serve [--concurrency 1,8,32] [--requests 256] [--out serve.json]
     python -m tandem.bench.serve --load [--clients 200] [--requests 1000]
 
 The benchmark (default) sends the same short requests (a text prompt, 8 greedy tokens, to the tiny 2B-like model)
-through HTTP and through the in-process API (`Engine.generate_async`), at each concurrency, and reports requests/s
-and latency percentiles for both; the server's overhead per request is the difference of the mean latencies at
-concurrency 1. The load run (`--load`) sends a mix (text, image, streamed, pair policies) from many clients at once
-and checks that none is lost or failed, that no KV page is held afterwards and that the server's resident memory
-after the run is within 5% of what it was after the first 100 requests; exit status 1 otherwise. Both stop by
-themselves and send traffic to 127.0.0.1 only.
+through HTTP and through the in-process API (`Engine.generate_async`), alternating round by round, at each
+concurrency, and reports requests/s and latency percentiles for both; the server's overhead per request is the
+median, over the rounds, of the difference of the two ways' median latencies at concurrency 1. The load run
+(`--load`) sends a mix (text, image, streamed, pair policies) from many clients at once and checks that none is
+lost or failed, that no KV page is held afterwards and that the server's resident memory after the run is within
+5% of what it was after the first 100 requests; exit status 1 otherwise. Both stop by themselves and send traffic to 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import signal
 import socket
 import statistics
@@ -38,6 +39,7 @@ from PIL import Image
 
 LOAD_WARM = 100  # requests before the load run's first memory reading
 MAX_GROWTH = 0.05
+ROUNDS = 8  # the benchmark's alternating rounds of HTTP and in-process requests
 
 
 class ServerProcess:
@@ -129,6 +131,54 @@ async def drive(url: str, bodies: list[dict], clients: int, probe=None, probe_af
     return {"latencies_s": latencies, "failures": failures, "seconds": time.perf_counter() - start, "probe": probed}
 
 
+class LeanClient:
+    """One keep-alive HTTP/1.1 connection on asyncio streams, for the benchmark: its own cost per request is a
+    small fraction of a millisecond, so the HTTP figures are the server's (httpx's AsyncClient adds its own
+    milliseconds of Python per request on the 2-core machine, on the same cores as the server)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str):
+        self.reader, self.writer, self.host = reader, writer, host
+
+    @classmethod
+    async def connect(cls, url: str) -> "LeanClient":
+        host, port = url.removeprefix("http://").split(":")
+        return cls(*await asyncio.open_connection(host, int(port)), host)
+
+    async def post(self, path: str, body: dict) -> tuple[int, dict]:
+        data = json.dumps(body).encode()
+        self.writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+                          f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+        if length is None:
+            raise ValueError(f"a response without content-length: {head[:200]!r}")
+        return int(head.split(b" ", 2)[1]), json.loads(await self.reader.readexactly(int(length.group(1))))
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def lean_drive(url: str, bodies: list[dict], clients: int) -> dict:
+    """`drive` for plain (not streamed) bodies, each client on its own LeanClient connection."""
+    latencies, failures, next_index = [0.0] * len(bodies), [], iter(range(len(bodies)))
+
+    async def client() -> None:
+        connection = await LeanClient.connect(url)
+        try:
+            for i in next_index:
+                start = time.perf_counter()
+                status, reply = await connection.post("/v1/chat/completions", bodies[i])
+                latencies[i] = time.perf_counter() - start
+                if status != 200 or reply["choices"][0]["finish_reason"] not in ("stop", "length"):
+                    failures.append((i, f"HTTP {status}"))
+        finally:
+            connection.close()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return {"latencies_s": latencies, "failures": failures, "seconds": time.perf_counter() - start}
+
+
 def load_bodies(count: int, models: tuple[str, str]) -> list[dict]:
     """The load run's mix, cycled: text and image requests to each model, streamed ones, and pair policies."""
     images = [_png_data_url(seed) for seed in range(8)]
@@ -188,37 +238,49 @@ async def _in_process(engine, bodies: list[dict], clients: int) -> dict:
     return {"latencies_s": latencies, "failures": [], "seconds": time.perf_counter() - start}
 
 
-def benchmark(checkpoint: Path, levels: list[int], requests: int, log: Path) -> dict:
-    """Requests/s and latency at each concurrency, through HTTP and in process, on the same checkpoint."""
+def benchmark(checkpoint: Path, levels: list[int], requests: int, log: Path, rounds: int = ROUNDS,
+              server_args: tuple[str, ...] = ()) -> dict:
+    """Requests/s and latency at each concurrency, through HTTP and in process, on the same checkpoint. The two
+    ways alternate in `rounds` rounds of requests/rounds each (the server idles while the in-process engine works
+    and the other way round), so that a slower spell of the machine weighs on both alike."""
     from tandem.runtime import Engine
 
     name = checkpoint.name
     bodies = [{"model": name, "messages": [{"role": "user", "content": f"Count to {i % 10}."}], "max_tokens": 8,
                "temperature": 0.0, "ignore_eos": True} for i in range(requests)]
-    rows, server = [], ServerProcess(["--model", str(checkpoint)], log)
+    chunks = [bodies[r::rounds] for r in range(rounds)]
+    server = ServerProcess(["--model", str(checkpoint), *server_args], log)
+    engine = Engine.from_pretrained(checkpoint, device="cpu", dtype="float32")
+    runs = {(c, way): [] for c in levels for way in ("http", "in-process")}
     try:
-        asyncio.run(drive(server.url, bodies[:8], 4))  # warm-up: first calls build caches
-        http = {c: asyncio.run(drive(server.url, bodies, c)) for c in levels}
+        asyncio.run(lean_drive(server.url, bodies[:8], 4))  # warm-up: first calls build caches
+        asyncio.run(_in_process(engine, bodies[:8], 4))
+        for c in levels:
+            for chunk in chunks:
+                runs[c, "http"].append(asyncio.run(lean_drive(server.url, chunk, c)))
+                runs[c, "in-process"].append(asyncio.run(_in_process(engine, chunk, c)))
     finally:
         server.stop()
-    engine = Engine.from_pretrained(checkpoint, device="cpu", dtype="float32")
-    asyncio.run(_in_process(engine, bodies[:8], 4))
-    for c in levels:
-        local = asyncio.run(_in_process(engine, bodies, c))
-        for way, run in (("http", http[c]), ("in-process", local)):
-            rows.append({"concurrency": c, "way": way, "requests_per_s": requests / run["seconds"],
-                         "failures": len(run["failures"]), **percentiles(run["latencies_s"])})
-    engine.close()
-    one = {r["way"]: r["mean_ms"] for r in rows if r["concurrency"] == levels[0]}
-    return {"rows": rows, "overhead_ms_per_request": one["http"] - one["in-process"]}
+        engine.close()
+    rows = []
+    for (c, way), parts in runs.items():
+        latencies = [x for run in parts for x in run["latencies_s"]]
+        rows.append({"concurrency": c, "way": way, "requests_per_s": len(latencies) / sum(r["seconds"] for r in parts),
+                     "failures": sum(len(r["failures"]) for r in parts), **percentiles(latencies)})
+    per_round = [1000 * (statistics.median(h["latencies_s"]) - statistics.median(i["latencies_s"]))
+                 for h, i in zip(runs[levels[0], "http"], runs[levels[0], "in-process"])]
+    return {"rows": rows, "rounds": rounds, "overhead_ms_by_round": per_round,
+            "overhead_ms_per_request": statistics.median(per_round)}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tandem.bench.serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--load", action="store_true", help="the load run instead of the benchmark")
     parser.add_argument("--concurrency", default="1,8,32", help="benchmark: concurrent clients (default: 1,8,32)")
-    parser.add_argument("--requests", type=int, help="requests per level (64), or in the load run (1000)")
+    parser.add_argument("--requests", type=int, help="requests per level (256), or in the load run (1000)")
     parser.add_argument("--clients", type=int, default=200, help="load run: concurrent clients (default: 200)")
+    parser.add_argument("--server-args", default="", metavar="'ARGS'",
+                        help="benchmark: more arguments of the `tandem serve` under test, e.g. '--no-access-log'")
     parser.add_argument("--out", type=Path, help="write the figures here as JSON")
     args = parser.parse_args(argv)
     from tandem.models.tiny import cached_tiny_checkpoint
@@ -236,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         ok = (not figures["failures"] and figures["pages_in_use_at_end"] == 0
               and figures["rss_growth"] <= MAX_GROWTH)
     else:
-        figures = benchmark(small, [int(c) for c in args.concurrency.split(",")], args.requests or 64, log)
+        figures = benchmark(small, [int(c) for c in args.concurrency.split(",")], args.requests or 256, log,
+                            server_args=tuple(shlex.split(args.server_args)))
         ok = all(r["failures"] == 0 for r in figures["rows"])
     report = {**figures, "machine": machine, "command": "python -m tandem.bench.serve " + " ".join(argv or sys.argv[1:])}
     text = json.dumps(report, indent=2)

@@ -111,11 +111,15 @@ class Engine:
         return device_clock(self.device)
 
     # ---- the public API ---------------------------------------------------------------------------------------
-    def submit(self, messages: Messages | None = None, sampling: SamplingParams | None = None, *,
+    def submit(self, messages: Messages | Prompt | None = None, sampling: SamplingParams | None = None, *,
                prompt_token_ids: TokenIds | None = None, images: list | None = None) -> RequestHandle:
-        """Check and prepare a request, queue it, and return its handle at once; the loop does the work. Bad input
-        raises here, before any work."""
+        """Check and prepare a request (or take a Prompt from `prepare`), queue it, and return its handle at once;
+        the loop does the work. Bad input raises here, before any work."""
         params = self.resolve(sampling)
+        if isinstance(messages, Prompt):
+            if prompt_token_ids is not None or images is not None:
+                raise InputError("a prepared Prompt already holds its token ids and images: pass neither again")
+            return self._submit(messages, params)  # which refuses one that can never fit
         return self._submit(self.prepare(messages, prompt_token_ids, images, max_tokens=params.max_tokens), params)
 
     def generate(self, messages: Messages | None = None, sampling: SamplingParams | None = None, *,

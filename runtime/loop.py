@@ -12,6 +12,7 @@ On the CPU the loop thread and its caller each own an OpenMP team, and so does e
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import ctypes
@@ -99,6 +100,18 @@ _LIVE: "weakref.WeakSet[Loop]" = weakref.WeakSet()  # loops whose thread has run
 def _close_all() -> None:
     for loop in list(_LIVE):
         loop.close(timeout=5.0)
+
+
+async def off_loop(fn: Callable, *args, **kwargs):
+    """fn(*args, **kwargs) in a worker thread: CPU work (decoding an image) that would stall the event loop. The
+    worker's OpenMP threads are freed after it (see free_idle_cpu_workers)."""
+    def run():
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            free_idle_cpu_workers()
+
+    return await asyncio.to_thread(run)
 
 
 def free_idle_cpu_workers() -> None:

@@ -22,6 +22,8 @@ from tandem.models.errors import InputError
 DEFAULT_FETCH_TIMEOUT_S = 10.0
 DEFAULT_MAX_IMAGE_BYTES = 20 << 20
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+DEFAULT_MAX_IMAGES = 8  # per request
+DEFAULT_MAX_REQUEST_BYTES = 64 << 20  # a request's whole body, its base64 images most of it: two at the byte limit
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,7 @@ class MediaLimits:
     fetch_timeout_s: float = DEFAULT_FETCH_TIMEOUT_S
     max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_images: int = DEFAULT_MAX_IMAGES  # in one request
     allowed_local_path: Path | None = None  # file:// URLs are refused unless they lie under this directory
 
 

@@ -156,6 +156,9 @@ async def chat_messages(request: ChatRequest, limits: MediaLimits) -> list[dict]
         elif not isinstance(content, str):
             raise InputError(f"{where}.content: must be a string or a list of parts")
         out.append({"role": ROLES[role], "content": content})
+    if len(fetches) > limits.max_images:
+        raise InputError(f"{fetches[limits.max_images][2]}: the request holds {len(fetches)} images, more than this "
+                         f"server's limit of {limits.max_images} per request")
     found = await asyncio.gather(*(image_bytes(url, where, limits) for _, url, where in fetches),
                                  return_exceptions=True)
     for (image, _, _), data in zip(fetches, found):

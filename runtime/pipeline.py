@@ -35,6 +35,7 @@ from tandem.runtime.answers import answers_agree, extract_answer
 from tandem.runtime.config import CPU_KV_TOKENS, CUDA_KV_FRACTION, parse_device, parse_dtype
 from tandem.runtime.engine import Engine
 from tandem.runtime.kv_cache import PagePool, Sequence
+from tandem.runtime.loop import off_loop
 from tandem.runtime.request import GenerateOutput, Prefill, Prompt, RequestHandle
 from tandem.runtime.sampling import SamplingParams
 from tandem.runtime.selection import DEFAULT_DELTA, KEEP_MODES, select_key_tokens
@@ -111,6 +112,22 @@ class Tandem:
         size against both caches included, before the image is decoded. on_text(model, role, piece) receives each
         stage's text as it is decoded (two stages may alternate). `budget` replaces the pair's Budget for this request.
         Cancelling the task stops its stages."""
+        request = self._checked(image, question, policy, keep, delta, on_text, budget)
+        request.image, request.digest = await off_loop(_decoded, image)
+        try:
+            result = await self._run_policy(request, policy, keep, delta)
+        finally:
+            await self._release(request)
+        result.total_s = time.perf_counter() - request.start
+        return result
+
+    def check(self, image, question: str, policy: str = "verify", keep: str = "all", delta: float = DEFAULT_DELTA,
+              budget: Budget | None = None) -> None:
+        """Refuse (InputError), as answer_async would, a request that could never run; reads only the image's
+        header. For a caller that must answer before the work starts (a server, before a stream's first byte)."""
+        self._checked(image, question, policy, keep, delta, None, budget)
+
+    def _checked(self, image, question, policy, keep, delta, on_text, budget) -> "_Request":
         if policy not in POLICIES:
             raise InputError(f"policy {policy!r} is not one of {', '.join(POLICIES)}")
         if keep not in KEEP_MODES:
@@ -131,14 +148,7 @@ class Tandem:
             pads = image_tokens(*size, engine.image_config, 0)
             prefix = len(engine.tokenizer.encode(self._chat_parts(request, model)[0])) - 1 + pads
             engine.scheduler.check_fits(prefix, headroom=self._headroom(request, model))  # the one pad becomes the run
-        request.image = load_image(image, 0)
-        request.digest = image_digest(request.image)
-        try:
-            result = await self._run_policy(request, policy, keep, delta)
-        finally:
-            await self._release(request)
-        result.total_s = time.perf_counter() - request.start
-        return result
+        return request
 
     # ---- policies ------------------------------------------------------------------------------------------------
     async def _run_policy(self, request: _Request, policy: str, keep: str, delta: float) -> TandemResult:
@@ -303,6 +313,11 @@ async def _result(handle: RequestHandle, engine: Engine):
         if isinstance(handle._value, Prefill) and handle._value.seq is not None:
             engine.release(handle._value.seq)
         raise
+
+
+def _decoded(image) -> tuple[torch.Tensor, str]:
+    decoded = load_image(image, 0)
+    return decoded, image_digest(decoded)
 
 
 async def _all(*coroutines):

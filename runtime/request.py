@@ -195,23 +195,25 @@ class RequestHandle:
         self._signal = threading.Lock()  # released (once) by every change; waiters acquire it
         self._signal.acquire()
         self._lock = threading.Lock()  # guards _waiters
-        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event, bool]] = []  # (.., every token)
         self._finalizer = weakref.finalize(self, abort, request.id)  # a dropped handle aborts its request
         self._finalizer.atexit = False
 
     # ---- the loop's side --------------------------------------------------------------------------------------
     def publish(self, tokens: list[int]) -> None:
         self._tokens += tokens
-        self._wake()
+        self._wake(final=False)
 
     def finish(self, value: object) -> None:
         """The outcome (an exception for a failed or aborted request); wakes every waiter."""
         self._value = value
         self._done = True
-        self._wake()
+        self._wake(final=True)
         self._finalizer.detach()
 
-    def _wake(self) -> None:
+    def _wake(self, final: bool) -> None:
+        """Wake the waiting threads, and the event loops' waiters that asked for every token (streams) or, when
+        `final`, all: a plain result_async costs its event loop one wake-up, not one per token."""
         if self._signal.locked():
             try:
                 self._signal.release()
@@ -219,8 +221,9 @@ class RequestHandle:
                 pass
         with self._lock:
             waiters = list(self._waiters)
-        for loop, event in waiters:
-            loop.call_soon_threadsafe(event.set)
+        for loop, event, every_token in waiters:
+            if final or every_token:
+                loop.call_soon_threadsafe(event.set)
 
     def _sleep(self, timeout: float | None) -> None:
         """Until a change or `timeout` (never longer than WAKE_POLL_S): the caller then looks again."""
@@ -278,7 +281,7 @@ class RequestHandle:
 
     async def result_async(self):
         """result() for asyncio: cancelling the awaiting task aborts the request."""
-        event = self._register()
+        event = self._register(every_token=False)
         try:
             while not self._done:
                 await event.wait()
@@ -291,7 +294,7 @@ class RequestHandle:
         return self._outcome()
 
     async def stream_async(self) -> AsyncIterator[str]:
-        text, event, seen = self._reply_text(), self._register(), 0
+        text, event, seen = self._reply_text(), self._register(every_token=True), 0
         try:
             while True:
                 done = self._done
@@ -317,17 +320,17 @@ class RequestHandle:
         return ReplyText(self._tokenizer, self._prompt_ids if isinstance(self._prompt_ids, list) else [],
                          self._stop_ids, self._stop_texts)
 
-    def _register(self) -> asyncio.Event:
+    def _register(self, every_token: bool) -> asyncio.Event:
         event = asyncio.Event()
         with self._lock:
-            self._waiters.append((asyncio.get_running_loop(), event))
-        if self._tokens or self._done:
+            self._waiters.append((asyncio.get_running_loop(), event, every_token))
+        if (every_token and self._tokens) or self._done:
             event.set()
         return event
 
     def _unregister(self, event: asyncio.Event) -> None:
         with self._lock:
-            self._waiters = [(loop, e) for loop, e in self._waiters if e is not event]
+            self._waiters = [waiter for waiter in self._waiters if waiter[1] is not event]
 
     def _outcome(self):
         if isinstance(self._value, BaseException):

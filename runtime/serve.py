@@ -16,12 +16,13 @@ from pathlib import Path
 from tandem.models.errors import InputError
 from tandem.models.hub import resolve_checkpoint
 from tandem.runtime.config import EngineConfig
-from tandem.runtime.media import DEFAULT_FETCH_TIMEOUT_S, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, MediaLimits
+from tandem.runtime.media import (DEFAULT_FETCH_TIMEOUT_S, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS,
+                                  DEFAULT_MAX_IMAGES, DEFAULT_MAX_REQUEST_BYTES, MediaLimits)
 from tandem.runtime.stages import Budget
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number (glibc malloc.h)
-MMAP_THRESHOLD = 128 << 10  # glibc's own starting value
+MMAP_THRESHOLD = 4 << 20  # blocks above it are mapped and unmapped as they come and go
 
 
 def add_arguments(p: argparse.ArgumentParser, positive_int, positive_float) -> None:
@@ -35,6 +36,10 @@ def add_arguments(p: argparse.ArgumentParser, positive_int, positive_float) -> N
     http.add_argument("--host", default=DEFAULT_HOST, help="(default: %(default)s)")
     http.add_argument("--port", type=int, default=DEFAULT_PORT, help="(default: %(default)s)")
     http.add_argument("--api-key", metavar="KEY", help="requests to /v1 must send Authorization: Bearer KEY")
+    http.add_argument("--max-request-bytes", type=positive_int, default=DEFAULT_MAX_REQUEST_BYTES, metavar="N",
+                      help="a larger request body is refused with 413 (default: %(default)s)")
+    http.add_argument("--no-access-log", dest="access_log", action="store_false",
+                      help="no log line per request")
     media = p.add_argument_group("images")
     media.add_argument("--allowed-local-media-path", type=Path, metavar="DIR",
                        help="file:// image URLs are served from under this directory (default: refused)")
@@ -44,6 +49,8 @@ def add_arguments(p: argparse.ArgumentParser, positive_int, positive_float) -> N
                        help="(default: %(default)s)")
     media.add_argument("--max-image-pixels", type=positive_int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
                        help="width x height, read from the header before decoding (default: %(default)s)")
+    media.add_argument("--max-images", type=positive_int, default=DEFAULT_MAX_IMAGES, metavar="N",
+                       help="images in one request at most (default: %(default)s)")
     pair = p.add_argument_group("the pair")
     pair.add_argument("--short-tokens", type=positive_int, default=Budget.short_tokens, metavar="N",
                       help="output tokens of a short answer (default: %(default)s; a request's max_tokens may cap it)")
@@ -80,8 +87,9 @@ def run(args: argparse.Namespace, settings: dict) -> int:
                              Budget(short_tokens=args.short_tokens, reason_tokens=args.reason_tokens))
     from tandem.runtime.server import ServerConfig, run_server
 
-    config = ServerConfig(args.api_key, MediaLimits(args.fetch_timeout, args.max_image_bytes, args.max_image_pixels,
-                                                    args.allowed_local_media_path))
+    media = MediaLimits(args.fetch_timeout, args.max_image_bytes, args.max_image_pixels, args.max_images,
+                        args.allowed_local_media_path)
+    config = ServerConfig(args.api_key, media, args.max_request_bytes, args.access_log)
     if args.ray:
         serve_on_ray(load, config, args.host, args.port, args.replicas, args.ray_address)
     else:
@@ -153,8 +161,10 @@ def pin_mmap_threshold(size: int = MMAP_THRESHOLD) -> None:
     """Keep glibc's mmap threshold at `size` for this process. By default glibc raises it each time a block above
     it is freed, and blocks of that size then come from the heap, where a server's ever-changing sizes (decoded
     images, each batch shape's activations on the CPU) fragment it: on the tiny pair's load run (1,000 requests,
-    200 clients, `python -m tandem.bench.serve --load`) resident memory drifted from 870-1,000 MiB by up to +9.5%;
-    pinned, it held at 760-770 MiB (within +1.1%), the run taking 10% longer. Does nothing without glibc."""
+    200 clients, `python -m tandem.bench.serve --load`) resident memory drifted from 870-1,000 MiB by up to +9.5%.
+    Pinned at 128 KiB (glibc's starting value) it held within +1.1%, but every step's logits (600 KB) were then
+    mapped afresh, their pages faulted in each step: the tiny model's decode ran 10% slower. At 4 MiB it held
+    within +1.7% (four runs) at the unpinned speed. Does nothing without glibc."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, size)
 

@@ -4,9 +4,9 @@ Routes: POST /v1/chat/completions, GET /v1/models (with an API key set, these tw
 GET /metrics. A model id names one engine (plain chat), or for a pair a policy (`tandem-verify`, ...). Errors are
 OpenAI-shaped JSON: bad input 400 (the message names the field), wrong or missing key 401, unknown model 404, a
 full queue 429, a closed engine 503. A client that disconnects aborts its request: its pages come back at the
-engine's next step. Each request's model work runs in the engines' loop threads; the event loop prepares it
-(tokenizing, decoding its images: milliseconds) and moves bytes. (Preparing in worker threads instead measured
-slower on the CPU: the loop's decode steps ran 1.5x slower while the submitting thread was not the main one.)
+engine's next step. Each request's model work runs in the engines' loop threads; the event loop checks and
+tokenizes it and moves bytes, and a worker thread decodes its images (a large one takes a second), so no request
+stalls the others' streams.
 """
 
 from __future__ import annotations
@@ -30,11 +30,12 @@ from starlette.exceptions import HTTPException
 from tandem.models.errors import InputError, TandemError
 from tandem.runtime import openai_api as api
 from tandem.runtime.engine import Engine
-from tandem.runtime.media import MediaLimits
+from tandem.runtime.loop import off_loop
+from tandem.runtime.media import DEFAULT_MAX_REQUEST_BYTES, MediaLimits
 from tandem.runtime.metrics import CONTENT_TYPE, Metrics
 from tandem.runtime.pipeline import Tandem
 from tandem.runtime.request import QueueFullError, RequestAborted
-from tandem.runtime.selection import DEFAULT_DELTA, KEEP_MODES
+from tandem.runtime.selection import DEFAULT_DELTA
 from tandem.runtime.stages import POLICIES, TandemResult
 
 log = logging.getLogger("tandem.server")
@@ -53,6 +54,10 @@ class UnknownModel(Exception):
 
 class Unauthorized(Exception):
     pass
+
+
+class TooLarge(Exception):
+    """A request body over the server's limit."""
 
 
 class ClientGone(Exception):
@@ -103,6 +108,8 @@ class Served:
 class ServerConfig:
     api_key: str | None = None
     media: MediaLimits = MediaLimits()
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # a larger body is refused (413) before it is parsed
+    access_log: bool = True  # uvicorn's line per request
 
 
 def build_app(served: Served, config: ServerConfig = ServerConfig()) -> FastAPI:
@@ -120,7 +127,7 @@ def build_app(served: Served, config: ServerConfig = ServerConfig()) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         authorize(request)
-        body = api.parse_request(await request.body())
+        body = api.parse_request(await _body(request, config.max_request_bytes))
         policy = served.policy(body.model)  # an unknown id is a 404 before it can become a metrics label
         request.state.model = body.model
         if policy is None:
@@ -136,7 +143,10 @@ def build_app(served: Served, config: ServerConfig = ServerConfig()) -> FastAPI:
         if given:
             raise InputError(f"{given[0]} is for the pair's policies ({POLICY_PREFIX}...), not model {body.model!r}")
         messages = await api.chat_messages(body, config.media)
-        handle = engine.submit(messages, api.sampling_params(body))
+        params = engine.resolve(api.sampling_params(body))
+        if any(p["type"] == "image" for m in messages if isinstance(m["content"], list) for p in m["content"]):
+            messages = await off_loop(engine.prepare, messages, max_tokens=params.max_tokens)
+        handle = engine.submit(messages, params)
         id_ = api.completion_id()
         if body.stream:
             return _stream(body, id_, _engine_events(body, handle, id_), handle.abort)
@@ -163,10 +173,9 @@ def build_app(served: Served, config: ServerConfig = ServerConfig()) -> FastAPI:
         image, question = _image_and_question(await api.chat_messages(body, config.media), body.model)
         budget = _budget(served.pair.budget, policy, body)
         keep, delta = body.keep or "all", DEFAULT_DELTA if body.delta is None else body.delta
-        if keep not in KEEP_MODES or not 0 < delta <= 1:  # checked here too, so a streamed request gets its 400
-            raise InputError(f"keep must be one of {', '.join(KEEP_MODES)} and delta in (0, 1]; got {keep!r}, {delta!r}")
         id_ = api.completion_id()
         if body.stream:
+            served.pair.check(image, question, policy, keep, delta, budget)  # a refusal is a 400, not an event
             pieces: asyncio.Queue = asyncio.Queue()
             on_text = lambda model, role, piece: role == LIVE_ROLE[policy] and pieces.put_nowait(piece)  # noqa: E731
             work = asyncio.ensure_future(served.pair.answer_async(image, question, policy, keep, delta, on_text,
@@ -273,6 +282,7 @@ def build_app(served: Served, config: ServerConfig = ServerConfig()) -> FastAPI:
     app.add_exception_handler(UnknownModel, failure(404, "not_found_error", "model_not_found"))
     app.add_exception_handler(Unauthorized, failure(401, "authentication_error", "invalid_api_key"))
     app.add_exception_handler(ClientGone, failure(499, "invalid_request_error"))
+    app.add_exception_handler(TooLarge, failure(413, "invalid_request_error"))
     app.add_exception_handler(RequestAborted, failure(503, "server_error"))
     app.add_exception_handler(Exception, failure(500, "server_error"))
 
@@ -336,6 +346,20 @@ def _pair_usage(result: TandemResult) -> dict:
     return api.usage(sum(s.prefilled_tokens for s in result.stages), sum(len(s.output_ids) for s in result.stages))
 
 
+async def _body(request: Request, limit: int) -> bytes:
+    """The request's body, read only up to `limit` bytes: past it, TooLarge."""
+    declared = request.headers.get("content-length", "")
+    body = bytearray()
+    if not (declared.isdigit() and int(declared) > limit):
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                break
+        else:
+            return bytes(body)
+    raise TooLarge(f"the request body is larger than this server's limit of {limit} bytes (--max-request-bytes)")
+
+
 async def _unless_disconnected(request: Request, work: Awaitable):
     """`work`'s result, unless the client disconnects first: then the work is cancelled (which aborts its engine
     requests) and ClientGone raised."""
@@ -364,7 +388,7 @@ def run_server(served: Served, config: ServerConfig, host: str, port: int) -> No
 
     try:
         uvicorn.run(build_app(served, config), host=host, port=port, log_level="info",
-                    timeout_graceful_shutdown=5)
+                    access_log=config.access_log, timeout_graceful_shutdown=5)
     finally:
         served.close()
 

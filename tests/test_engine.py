@@ -65,6 +65,17 @@ def test_default_sampling_comes_from_generation_config(engine):
     assert engine.eos_ids == (151645, 151643)
 
 
+def test_a_prepared_prompt_submits_as_its_messages_do(engine, messages):
+    prompt = engine.prepare(messages, max_tokens=12)
+    assert engine.submit(prompt, GREEDY).result().token_ids == engine.generate(messages, GREEDY).token_ids
+    with pytest.raises(InputError, match="already holds its token ids and images"):
+        engine.submit(prompt, GREEDY, images=[random_image(8, 8, 0)])
+    limit = engine.model.config.text.max_position_embeddings
+    with pytest.raises(InputError, match="exceeds the model's context"):
+        engine.submit(prompt, SamplingParams(max_tokens=limit, temperature=0.0))
+    assert engine.pool.pages_in_use == 0
+
+
 def test_too_long_for_the_model_context_is_refused_before_any_work(engine, messages):
     limit = engine.model.config.text.max_position_embeddings
     with pytest.raises(InputError, match=rf"= {limit + 86} tokens exceeds the model's context of {limit} tokens"):

@@ -26,6 +26,7 @@ from servers import API_KEY, ServerProcess, data_url, image_message
 
 REASON_TOKENS = 48  # the server's --reason-tokens and the in-process pair's budget
 QUESTION = "What is in this image?"
+MAX_REQUEST_BYTES = 1 << 20  # the server's --max-request-bytes: far above its tests' requests
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,8 @@ def images(tmp_path_factory) -> Path:
 def server(tiny_8b, tiny_2b, images, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "serve.log"
     process = ServerProcess(["--large", str(tiny_8b), "--small", str(tiny_2b), "--api-key", API_KEY,
-                             "--reason-tokens", str(REASON_TOKENS), "--allowed-local-media-path", str(images)], log)
+                             "--reason-tokens", str(REASON_TOKENS), "--allowed-local-media-path", str(images),
+                             "--max-request-bytes", str(MAX_REQUEST_BYTES)], log)
     yield process
     process.stop()
 
@@ -194,8 +196,16 @@ BAD = {  # name: (request changes, status, what the message must say)
     "role type": ({"messages": [{"role": ["user"], "content": "x"}]}, 400, "messages[0].role"),
     "malformed url": ({"messages": image_message("http://[::1/a.png", "q")}, 400, "image_url: fetching"),
     "stop count": ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop: at most 4 strings"),
+    "image count": ({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(DEMO_IMAGE)}}] * 9}]}, 400,
+        "messages[0].content[8].image_url: the request holds 9 images, more than this server's limit of 8"),
+    "body size": ({"messages": [{"role": "user", "content": "x" * MAX_REQUEST_BYTES}]}, 413,
+                  f"larger than this server's limit of {MAX_REQUEST_BYTES} bytes"),
     "streamed pair keep": ({"model": "tandem-verify", "messages": image_message(data_url(DEMO_IMAGE), "q"),
-                            "stream": True, "extra_body": {"keep": "x"}}, 400, "keep must be one of"),
+                            "stream": True, "extra_body": {"keep": "x"}}, 400, "keep 'x' is not one of"),
+    "streamed pair too long": ({"model": "tandem-verify", "stream": True,
+                                "messages": image_message(data_url(DEMO_IMAGE), "why " * 70000)}, 400,
+                               "tokens of KV cache"),  # refused before the stream's 200
 }
 
 
