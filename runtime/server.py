@@ -36,10 +36,9 @@ from tandem.runtime.metrics import CONTENT_TYPE, Metrics
 from tandem.runtime.pipeline import Tandem
 from tandem.runtime.request import QueueFullError, RequestAborted
 from tandem.runtime.selection import DEFAULT_DELTA
-from tandem.runtime.stages import POLICIES, TandemResult
+from tandem.runtime.stages import POLICIES, POLICY_PREFIX, TandemResult
 
 log = logging.getLogger("tandem.server")
-POLICY_PREFIX = "tandem-"
 # The stage whose text a streamed pair response carries as it decodes; verify's transfer stage runs only when the
 # cheap answers disagree (when they agree, the short answer is sent whole at the verdict).
 LIVE_ROLE = {"large": "answer", "small": "answer", "small-reason": "reason", "large-reason": "reason",

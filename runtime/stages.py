@@ -12,6 +12,7 @@ from tandem.models.errors import InputError
 from tandem.runtime.request import Timings
 
 POLICIES = ("large", "small", "small-reason", "large-reason", "transfer", "verify")
+POLICY_PREFIX = "tandem-"  # a server's model id for a policy: tandem-verify, ...
 # The models each policy's stages use: their prefixes are checked against the caches before any image is decoded.
 POLICY_MODELS = {"large": ("large",), "small": ("small",), "small-reason": ("small",), "large-reason": ("large",),
                  "transfer": ("small", "large"), "verify": ("large", "small")}
