@@ -4,6 +4,7 @@ answers) and easy-VQA; malformed rows named by line, or skipped when asked."""
 from __future__ import annotations
 
 import base64
+import csv
 import io
 import json
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from PIL import Image
 
 from tandem.bench.eval.data import CHOICE_INSTRUCTION, data_url, load_dataset
+from tandem.bench.eval.scoring import scorer_for
 from tandem.models.errors import InputError
 
 from conftest import random_image
@@ -45,7 +47,7 @@ def test_jsonl_rows_become_samples(folder):
     ])
     data = load_dataset(str(path))
     first, second, third = data.samples
-    assert data.name == "my" and data.scorer == "choice"  # options present: letters are scored
+    assert data.name == "my" and data.scorer == "exact"  # for the open question; those with options: choice
     assert (first.id, first.image, first.answers, first.category) == ("1", str(folder / "img/a.png"),
                                                                       ("circle", "a circle"), "shape")
     assert first.prompt == "What shape?"
@@ -99,7 +101,7 @@ def test_vlmevalkit_tsv_rows_with_base64_images_references_and_options(tmp_path)
     ])
     data = load_dataset(str(path))
     first, second, third = data.samples
-    assert data.name == "MMBench_DEV_EN" and data.scorer == "choice"
+    assert data.name == "MMBench_DEV_EN" and data.scorer == "exact" and all(s.choices for s in data.samples)
     assert first.image == png(3) and second.image == png(3) and third.image == png(4)
     assert first.choices == (("A", "a cat"), ("B", "a dog"), ("C", "a cow")) and first.answers == ("B",)
     assert first.hint == "" and second.hint == "Count them." and second.category == "count"
@@ -115,7 +117,7 @@ def test_each_benchmarks_tsv_gets_its_scorer(tmp_path, name, scorer):
     header = ["index", "image", "question", *options, "answer"]
     answer = "['Apple Inc', 'apple']" if name.startswith("Info") else "A" if options else "yes"
     data = load_dataset(str(tsv(tmp_path / name, header, [["0", image, "q?", *["x", "y"][:len(options)], answer]])))
-    assert data.scorer == scorer
+    assert scorer_for(data.samples[0], data.scorer) == scorer
     if name.startswith("Info"):
         assert data.samples[0].answers == ("Apple Inc", "apple")  # VLMEvalKit's list literal
 
@@ -157,3 +159,28 @@ def test_data_urls_carry_the_bytes():
     data = png(7)
     url = data_url(data)
     assert url.startswith("data:image/png;base64,") and base64.b64decode(url.split(",", 1)[1]) == data
+
+
+def test_a_tsv_as_pandas_writes_it_quoted_cells_spanning_lines(tmp_path):
+    """pandas (which writes VLMEvalKit's files) quotes a cell holding a tab, a newline or a quote."""
+    image = base64.b64encode(png(8)).decode()
+    path = tmp_path / "MMBench_DEV_EN.tsv"
+    with path.open("w", newline="", encoding="utf-8-sig") as file:  # with the BOM some tools write
+        writer = csv.writer(file, delimiter="\t", lineterminator="\n")
+        writer.writerow(["index", "question", "hint", "A", "B", "answer", "image"])
+        writer.writerow(["0", 'He said "hi". Who?', "two\nlines", "Ann", "Bob", "A", image])
+        writer.writerow(["1", "Bad?", "nan", "x", "y", "A", "@@" * 40])
+        writer.writerow(["1000000", 'He said "hi". Who?', "two\nlines", "Bob", "Ann", "B", "0"])
+    with pytest.raises(InputError, match=r"MMBench_DEV_EN.tsv, line 4: the image cell is not valid base64"):
+        load_dataset(str(path))  # the second row starts on line 4: the first one's hint spans lines 2-3
+    first, rotated = load_dataset(str(path), skip_bad_rows=True).samples
+    assert first.question == 'He said "hi". Who?' and first.hint == "two\nlines" and first.image == png(8)
+    assert (first.group, rotated.group) == ("0", "0")  # CircularEval: one question, its options rotated
+    assert rotated.choices == (("A", "Bob"), ("B", "Ann")) and rotated.image == png(8)
+
+
+def test_list_answers_only_where_the_benchmark_has_them(tmp_path):
+    image = base64.b64encode(png(9)).decode()
+    header = ["index", "image", "question", "answer"]
+    chart = load_dataset(str(tsv(tmp_path / "ChartQA_TEST.tsv", header, [["0", image, "q", "[1, 2]"]])))
+    assert chart.samples[0].answers == ("[1, 2]",)  # an answer that looks like a list, not a list of answers

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from tandem.bench.eval.data import Sample
-from tandem.bench.eval.scoring import anls, choice_letter, levenshtein, normalize, score, yes_or_no
+from tandem.bench.eval.scoring import anls, choice_letter, levenshtein, normalize, score, scorer_for, yes_or_no
 
 CHOICES = (("A", "a red circle"), ("B", "a blue square"), ("C", "a green triangle"), ("D", "nothing"))
 
@@ -16,6 +16,8 @@ CHOICES = (("A", "a red circle"), ("B", "a blue square"), ("C", "a green triangl
     ("B", "B"), ("(C)", "C"), ("D. nothing", "D"), ("A) a red circle", "A"), ("C\n", "C"),
     ("The answer is B.", "B"), ("Answer: (D)", "D"), ("I think the correct option is C", "C"),
     ("a blue square", "B"), ("It shows a green triangle on white.", "C"), ("The answer is a blue square.", "B"),
+    ("A blue square", "B"),  # "A" the article, as VLMEvalKit reads it, not option A
+    ("A and C", None),
     ("A or B", None), ("a circle or a square", None), ("Unsure.", None), ("E", None),
 ])
 def test_the_option_letter_an_answer_gives(answer, letter):
@@ -78,3 +80,11 @@ def test_exact_match_after_vqa_normalization(answer, accepted, right):
 
 def test_normalization_keeps_decimal_points_and_drops_articles():
     assert normalize("The answer: 3.5 apples, an orange!") == "answer 3.5 apples orange"
+    assert (normalize("12."), normalize("3,000 people"), normalize("None")) == ("12", "3000 people", "0")
+
+
+def test_a_sample_with_options_is_scored_by_its_letter_unless_a_scorer_is_forced():
+    with_options = Sample("0", b"", "q", ("B",), CHOICES)
+    open_question = Sample("1", b"", "q", ("circle",))
+    assert [scorer_for(s, "exact") for s in (with_options, open_question)] == ["choice", "exact"]
+    assert scorer_for(with_options, "exact", forced="anls") == "anls"

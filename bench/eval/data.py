@@ -24,6 +24,10 @@ CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices dir
 REFERENCE_CHARS = 64  # a VLMEvalKit TSV image cell this short is the index of the row holding the image
 # Which scorer a benchmark's TSV takes, from its file name (VLMEvalKit's names: MMBench_DEV_EN.tsv, POPE.tsv, ...).
 TSV_SCORERS = (("pope", "yesno"), ("chartqa", "relaxed"), ("infovqa", "anls"), ("docvqa", "anls"))
+# MMBench's CircularEval: rows index + k * CIRCULAR_STRIDE ask the question of row `index` with its options rotated,
+# and the question counts as right only when every rotation is.
+CIRCULAR = "mmbench"
+CIRCULAR_STRIDE = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,7 @@ class Sample:
     choices: tuple[tuple[str, str], ...] = ()  # (letter, option text)
     hint: str = ""
     category: str = ""
+    group: str = ""  # MMBench: the question its rotations share (scored together); "" for a sample on its own
 
     @property
     def prompt(self) -> str:
@@ -50,7 +55,7 @@ class Sample:
 class Dataset:
     name: str
     samples: list[Sample]
-    scorer: str  # the default scorer for this data
+    scorer: str  # the scorer of its samples without choices (those with choices take `choice`)
     skipped: list[str]  # the bad rows left out (with --skip-bad-rows), each "line N: why"
 
 
@@ -62,9 +67,10 @@ def load_dataset(spec: str, skip_bad_rows: bool = False, limit: int | None = Non
     if not path.is_file():
         raise InputError(f"--data {spec}: no such file (give a .jsonl or .tsv file, or {EASY_VQA})")
     if path.suffix.lower() == ".jsonl":
-        rows, scorer = _jsonl_rows(path), None
+        rows, scorer = _jsonl_rows(path), "exact"
     elif path.suffix.lower() == ".tsv":
-        rows, scorer = _tsv_rows(path), _tsv_scorer(path)
+        scorer = _tsv_scorer(path)
+        rows = _tsv_rows(path, lists=scorer == "anls", circular=CIRCULAR in path.stem.lower())
     else:
         raise InputError(f"--data {spec}: unknown format {path.suffix!r} (give a .jsonl or .tsv file, or {EASY_VQA})")
     samples, skipped, ids = [], [], set()
@@ -82,8 +88,6 @@ def load_dataset(spec: str, skip_bad_rows: bool = False, limit: int | None = Non
         samples.append(sample)
         if limit is not None and len(samples) == limit:
             break
-    if scorer is None:
-        scorer = "choice" if any(s.choices for s in samples) else "exact"
     return Dataset(path.stem, samples, scorer, skipped)
 
 
@@ -155,29 +159,33 @@ def _answers(value, choices) -> tuple[str, ...]:
 
 
 # ---- VLMEvalKit TSV ------------------------------------------------------------------------------------------------
-def _tsv_scorer(path: Path) -> str | None:
-    """The benchmark's scorer by its file's name; None for the default (choice where there are options)."""
+def _tsv_scorer(path: Path) -> str:
+    """The scorer of the benchmark's open questions, by its file's name."""
     name = path.stem.lower()
-    return next((scorer for key, scorer in TSV_SCORERS if key in name), None)
+    return next((scorer for key, scorer in TSV_SCORERS if key in name), "exact")
 
 
-def _tsv_rows(path: Path):
-    """VLMEvalKit's columns: index, image (base64; or, when short, the index of the row holding it), question,
-    answer, and optionally hint, A, B, C, ... and category. Answers of DocVQA / InfoVQA are Python list literals."""
-    csv.field_size_limit(sys.maxsize)  # an image cell is megabytes
-    with path.open(encoding="utf-8", newline="") as file:
-        reader = csv.DictReader(file, delimiter="\t", quoting=csv.QUOTE_NONE)
+def _tsv_rows(path: Path, lists: bool, circular: bool):
+    """VLMEvalKit's columns (written by pandas: a cell holding a tab, newline or quote is quoted): index, image
+    (base64; or, when short, the index of the row holding it), question, answer, and optionally hint, A, B, C, ...
+    and category. With `lists` (DocVQA, InfoVQA) an answer may be a Python list literal of accepted answers."""
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # an image cell is megabytes
+    with path.open(encoding="utf-8-sig", newline="") as file:
+        reader = csv.DictReader(file, delimiter="\t")
         missing = sorted({"index", "image", "question", "answer"} - set(reader.fieldnames or ()))
         if missing:
             raise InputError(f"{path}: no {missing[0]!r} column (VLMEvalKit's TSV has index, image, question, answer, "
                              f"and for multiple choice A, B, ...); its columns: {reader.fieldnames}")
-        rows = [(reader.line_num, row) for row in reader]
+        rows, last = [], reader.line_num
+        for row in reader:  # a row starts on the line after the last one's end (a quoted cell may span lines)
+            rows.append((last + 1, row))
+            last = reader.line_num
     images = {row["index"]: row["image"] for _, row in rows if row.get("image")}
     for line, row in rows:
-        yield line, lambda row=row: _tsv_sample(row, images)
+        yield line, lambda row=row: _tsv_sample(row, images, lists, circular)
 
 
-def _tsv_sample(row: dict, images: dict[str, str]) -> Sample:
+def _tsv_sample(row: dict, images: dict[str, str], lists: bool, circular: bool) -> Sample:
     if None in row or any(v is None for v in row.values()):
         raise InputError("the row's cells do not match the header's columns")
     index, image = row["index"].strip(), row["image"].strip()
@@ -193,14 +201,15 @@ def _tsv_sample(row: dict, images: dict[str, str]) -> Sample:
         raise InputError(f"the image cell is not valid base64 ({e}); a list of images is not supported") from None
     choices = tuple((c, row[c].strip()) for c in LETTERS if row.get(c) and row[c].strip() and row[c] != "nan")
     answer = row["answer"].strip()
-    if answer.startswith("[") and answer.endswith("]"):
+    if lists and answer.startswith("[") and answer.endswith("]"):
         try:
             answer = [str(a) for a in ast.literal_eval(answer)]
         except (ValueError, SyntaxError):
             raise InputError(f"answer {answer[:80]!r} looks like a list but does not parse") from None
     hint = (row.get("hint") or "").strip()
+    group = str(int(index) % CIRCULAR_STRIDE) if circular and index.isdigit() else ""
     return Sample(index, data, row["question"].strip(), _answers(answer, choices), choices,
-                  "" if hint == "nan" else hint, (row.get("category") or "").strip())
+                  "" if hint == "nan" else hint, (row.get("category") or "").strip(), group)
 
 
 # ---- easy-VQA ------------------------------------------------------------------------------------------------------

@@ -3,7 +3,10 @@ verify and transfer did; written as JSON, a summary table and two plots (the pap
 
 A record is one sample answered under one policy (a line of samples.jsonl): its score, its latency, and its
 stages with their output tokens (and ids, where known). Everything in the report is computed from the records
-alone.
+alone. Accuracy is over questions: MMBench's rotations of one question (a record's `group`) count once, right only
+when all are (its CircularEval); the per-row accuracy is given beside it. Latency and tokens average the answered
+records (a failed one has neither; failures are counted). A yes/no benchmark also gets POPE's precision, recall,
+F1 and yes-ratio.
 """
 
 from __future__ import annotations
@@ -26,36 +29,65 @@ def summarize(records: list[dict], policies: list[str], seed: int = 0) -> dict:
 
 
 def _figures(records: list[dict], seed: int) -> dict:
-    scores = np.array([r["score"] for r in records], dtype=np.float64)
-    latencies = sorted(r["latency_s"] for r in records)
-    stage_keys = sorted({_stage_key(s) for r in records for s in r["stages"]})
-    tokens = [sum(s["output_tokens"] for s in r["stages"]) for r in records]
+    answered = [r for r in records if not r.get("error")]  # a failure has no latency or tokens to average
+    latencies = sorted(r["latency_s"] for r in answered) or [float("nan")]
+    stage_keys = sorted({_stage_key(s) for r in answered for s in r["stages"]})
+    tokens = [sum(s["output_tokens"] for s in r["stages"]) for r in answered] or [float("nan")]
+    groups = _grouped_scores(records)
     figures = {
         "samples": len(records),
-        "errors": sum(1 for r in records if r.get("error")),
-        "accuracy": float(scores.mean()),
-        "accuracy_ci95": bootstrap_interval(scores, seed),
+        "errors": len(records) - len(answered),
+        "accuracy": float(np.mean(groups)),
+        "accuracy_ci95": bootstrap_interval(np.array(groups), seed),
         "output_tokens": {
             "mean": statistics.fmean(tokens),
-            # per stage, averaged over every request (0 where the stage did not run), so they add up to the mean
+            # per stage, averaged over every answered request (0 where the stage did not run): they add up to the mean
             "by_stage": {key: statistics.fmean(sum(s["output_tokens"] for s in r["stages"] if _stage_key(s) == key)
-                                               for r in records) for key in stage_keys},
+                                               for r in answered) for key in stage_keys},
         },
         "latency_s": {"mean": statistics.fmean(latencies), "p50": _quantile(latencies, 0.5),
                       "p90": _quantile(latencies, 0.9)},
         "by_category": _by_category(records),
     }
-    verdicts = [r for r in records if r.get("agreed") is not None]
+    if len(groups) < len(records):  # MMBench's CircularEval: a question is right when all its rotations are
+        figures["questions"] = len(groups)
+        figures["accuracy_rows"] = statistics.fmean(r["score"] for r in records)
+    yesno = [r for r in records if r.get("scorer") == "yesno" and not r.get("error")]
+    if yesno:
+        figures["pope"] = pope_figures(yesno)
+    verdicts = [r for r in answered if r.get("agreed") is not None]
     if verdicts:
         agreed = [r["score"] for r in verdicts if r["agreed"]]
         disagreed = [r["score"] for r in verdicts if not r["agreed"]]
         figures["verify"] = {"agreed_share": len(agreed) / len(verdicts),
                              "accuracy_when_agreed": statistics.fmean(agreed) if agreed else None,
                              "accuracy_when_not": statistics.fmean(disagreed) if disagreed else None}
-    kept = [s["kept_fraction"] for r in records for s in r["stages"] if s.get("kept_fraction") is not None]
+    kept = [s["kept_fraction"] for r in answered for s in r["stages"] if s.get("kept_fraction") is not None]
     if kept:
         figures["kept_fraction_mean"] = statistics.fmean(kept)
     return figures
+
+
+def _grouped_scores(records: list[dict]) -> list[float]:
+    """One score per question: a record's own, or for a group (MMBench's rotations of one question) the lowest of
+    its records' (1 only when every rotation is right). The bootstrap resamples questions."""
+    by_group: dict[str, list[float]] = {}
+    for r in records:
+        by_group.setdefault(r.get("group") or f"id:{r['id']}", []).append(r["score"])
+    return [min(scores) for scores in by_group.values()]
+
+
+def pope_figures(records: list[dict]) -> dict:
+    """POPE's figures, "yes" the positive class: precision, recall, F1 and the share of "yes" answers."""
+    from tandem.bench.eval.scoring import yes_or_no
+
+    said = [yes_or_no(r["prediction"]) == "yes" for r in records]
+    truth = [r["answers"][0].strip().lower() == "yes" for r in records]
+    hits = sum(s and t for s, t in zip(said, truth))
+    precision = hits / sum(said) if any(said) else 0.0
+    recall = hits / sum(truth) if any(truth) else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "yes_ratio": sum(said) / len(said)}
 
 
 def bootstrap_interval(scores: np.ndarray, seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES) -> list[float]:
@@ -100,6 +132,10 @@ def summary_table(report: dict) -> str:
             notes.append(f"agreed {100 * f['verify']['agreed_share']:.0f}%")
         if "kept_fraction_mean" in f:
             notes.append(f"kept {100 * f['kept_fraction_mean']:.0f}%")
+        if "pope" in f:
+            notes.append(f"F1 {100 * f['pope']['f1']:.1f}, yes {100 * f['pope']['yes_ratio']:.0f}%")
+        if "questions" in f:
+            notes.append(f"circular over {f['questions']} questions (rows {100 * f['accuracy_rows']:.1f}%)")
         lat = f["latency_s"]
         lines.append(f"{policy:14} {f['samples']:>5} {f['errors']:>4} "
                      f"{100 * f['accuracy']:>8.1f}% [{100 * low:5.1f}, {100 * high:5.1f}] "

@@ -7,30 +7,36 @@ The data is read and checked first (data.py). Then each policy in turn answers e
 `--concurrency` at a time (through the engines' batching, or the server's); each answer is scored (scoring.py)
 and appended to samples.jsonl as it comes, so an interrupted run resumes where it stopped. Last, the report
 (report.py) is computed from samples.jsonl. The folder's run.json holds the settings that change answers; a
-rerun with other settings into the same folder is refused.
+rerun with other settings into the same folder is refused, and so is a second run while one holds it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
+import functools
+import hashlib
 import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from tandem.bench.eval.data import Dataset, Sample, data_url, load_dataset
+from tandem.bench.eval.data import EASY_VQA, Dataset, Sample, data_url, load_dataset
 from tandem.bench.eval.report import summarize, summary_table, write_report
-from tandem.bench.eval.scoring import SCORERS, score
+from tandem.bench.eval.scoring import SCORERS, score, scorer_for
 from tandem.models.errors import InputError, TandemError
+from tandem.runtime.answers import extract_answer
 from tandem.runtime.selection import DEFAULT_DELTA, KEEP_MODES
 from tandem.runtime.stages import POLICIES, POLICY_PREFIX, Budget
 
 DEFAULT_CONCURRENCY = 8
 SAMPLES, RUN = "samples.jsonl", "run.json"
 # run.json's fields that change the answers or their latency: a rerun into the same folder must keep them
-SETTINGS = ("data", "scorer", "answerer", "keep", "delta", "budget", "concurrency")
+SETTINGS = ("data", "data_sha256", "scorer", "answerer", "device", "dtype", "keep", "delta", "budget", "temperature",
+            "concurrency")
 
 
 class PairAnswerer:
@@ -51,7 +57,8 @@ class PairAnswerer:
 
 class EndpointAnswerer:
     """A running OpenAI-compatible server: a policy is the model id tandem-<policy>; any other id is sent as it is
-    (a plain model: its reply's content is the answer, its usage the output tokens)."""
+    (a plain model: the answer is extracted from its reply's content as the pair's are, its usage counts the
+    output tokens)."""
 
     def __init__(self, url: str, api_key: str | None, keep: str, delta: float, temperature: float, timeout: float):
         import httpx
@@ -72,25 +79,35 @@ class EndpointAnswerer:
         start = time.perf_counter()
         try:
             response = await self.client.post("/chat/completions", json=body)
+        except httpx.ConnectError as e:  # the server is not there: no use trying the other samples
+            raise Unreachable(f"--endpoint {self.client.base_url}: {type(e).__name__}: {e}") from None
         except httpx.TimeoutException:
             raise EndpointError(f"no answer within {self.client.timeout.read} s (--timeout)") from None
-        except httpx.HTTPError as e:  # the server is not there: no use trying the other samples
-            raise Unreachable(f"--endpoint {self.client.base_url}: {type(e).__name__}: {e}") from None
+        except httpx.HTTPError as e:
+            raise EndpointError(f"{type(e).__name__}: {e}") from None
         latency = time.perf_counter() - start
         try:
             reply = response.json()
         except ValueError:
             reply = {}
         if response.status_code != 200:
-            message = reply.get("error", {}).get("message") if isinstance(reply.get("error"), dict) else None
-            raise EndpointError(f"HTTP {response.status_code}: {message or response.text[:200]}")
-        content = reply["choices"][0]["message"]["content"] or ""
-        tandem = reply.get("tandem")
-        if tandem is not None:
-            return {"prediction": tandem["answer"], "text": content, "agreed": tandem["agreed"], "latency_s": latency,
-                    "stages": [_stage(s) for s in tandem["stages"]]}
-        stage = {"model": body["model"], "role": "answer", "output_tokens": reply["usage"]["completion_tokens"]}
-        return {"prediction": content, "text": content, "agreed": None, "latency_s": latency, "stages": [stage]}
+            error = reply.get("error") if isinstance(reply, dict) else None
+            message = f"HTTP {response.status_code}: " + (error.get("message") if isinstance(error, dict) else
+                                                             response.text[:200])
+            if response.status_code in (401, 403, 404):  # a wrong key or model id fails every sample alike
+                raise Unreachable(f"--endpoint {self.client.base_url} refused {body['model']!r}: {message}")
+            raise EndpointError(message)
+        try:
+            content = reply["choices"][0]["message"]["content"] or ""
+            tandem = reply.get("tandem")
+            if tandem is not None:
+                return {"prediction": tandem["answer"], "text": content, "agreed": tandem["agreed"],
+                        "latency_s": latency, "stages": [_stage(s) for s in tandem["stages"]]}
+            stage = {"model": body["model"], "role": "answer", "output_tokens": reply["usage"]["completion_tokens"]}
+        except (KeyError, IndexError, TypeError) as e:
+            raise EndpointError(f"a reply not in the chat-completions schema ({type(e).__name__}: {e})") from None
+        return {"prediction": extract_answer(content), "text": content, "agreed": None, "latency_s": latency,
+                "stages": [stage]}
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -112,10 +129,10 @@ def _stage(stage: dict) -> dict:
 
 
 # ---- the run ------------------------------------------------------------------------------------------------------
-def evaluate(answerer, dataset: Dataset, policies: list[str], out: Path, settings: dict, scorer: str,
+def evaluate(answerer, dataset: Dataset, policies: list[str], out: Path, settings: dict, scorer: str | None,
              concurrency: int, progress: bool = True, seed: int = 0) -> dict:
-    """Answer and score every sample not yet in out/samples.jsonl under each policy, then write the report."""
-    open_run(out, settings)
+    """Answer and score every sample not yet in out/samples.jsonl under each policy (each sample by `scorer`, or
+    if None by its own: scoring.scorer_for), then write the report. The caller holds `open_run(out, settings)`."""
     records = _read_records(out / SAMPLES)
     done = {(r["policy"], r["id"]) for r in records if not r.get("error")}
     todo = [(p, s) for p in policies for s in dataset.samples if (p, s.id) not in done]
@@ -123,7 +140,8 @@ def evaluate(answerer, dataset: Dataset, policies: list[str], out: Path, setting
     if total > len(todo):
         print(f"tandem eval: resuming: {total - len(todo)} of {total} answers already scored in {out / SAMPLES}",
               file=sys.stderr)
-    asyncio.run(_answer_all(answerer, todo, out / SAMPLES, scorer, concurrency, progress))
+    pick = functools.partial(scorer_for, default=dataset.scorer, forced=scorer)
+    asyncio.run(_answer_all(answerer, todo, out / SAMPLES, pick, concurrency, progress))
     latest = {(r["policy"], r["id"]): r for r in _read_records(out / SAMPLES)}  # a retried sample's last record
     ids = {s.id for s in dataset.samples}
     mine = [r for key, r in latest.items() if key[0] in policies and key[1] in ids]
@@ -135,8 +153,8 @@ def evaluate(answerer, dataset: Dataset, policies: list[str], out: Path, setting
     return report
 
 
-async def _answer_all(answerer, todo: list[tuple[str, Sample]], path: Path, scorer: str, concurrency: int,
-                      progress: bool) -> None:
+async def _answer_all(answerer, todo: list[tuple[str, Sample]], path: Path, pick: Callable[[Sample], str],
+                      concurrency: int, progress: bool) -> None:
     bar = _progress(len(todo), progress)
     try:
         with path.open("a", encoding="utf-8") as file:
@@ -145,19 +163,26 @@ async def _answer_all(answerer, todo: list[tuple[str, Sample]], path: Path, scor
 
                 async def worker():
                     for sample in queue:
-                        record = await _record(answerer, sample, policy, scorer)
+                        record = await _record(answerer, sample, policy, pick(sample))
                         file.write(json.dumps(record, ensure_ascii=False) + "\n")
                         file.flush()
                         bar.update(1)
 
-                await asyncio.gather(*(worker() for _ in range(concurrency)))
+                workers = [asyncio.ensure_future(worker()) for _ in range(concurrency)]
+                try:
+                    await asyncio.gather(*workers)
+                finally:  # one failed (or Ctrl-C): the others stop before the file and the answerer close
+                    for task in workers:
+                        task.cancel()
+                    await asyncio.gather(*workers, return_exceptions=True)
     finally:
         bar.close()
         await answerer.close()
 
 
 async def _record(answerer, sample: Sample, policy: str, scorer: str) -> dict:
-    base = {"id": sample.id, "policy": policy, "category": sample.category, "answers": list(sample.answers)}
+    base = {"id": sample.id, "policy": policy, "group": sample.group, "category": sample.category,
+            "answers": list(sample.answers), "scorer": scorer}
     try:
         answer = await answerer.answer(sample, policy)
     except (InputError, EndpointError) as e:  # this sample cannot be answered: recorded, and the run goes on
@@ -166,34 +191,45 @@ async def _record(answerer, sample: Sample, policy: str, scorer: str) -> dict:
 
 
 def _read_records(path: Path) -> list[dict]:
-    """The records so far; a last line cut short by an interrupted write is dropped from the file."""
+    """The records so far. A last line without its newline was cut short by an interrupted write: it is dropped
+    from the file (that answer is made again). Any other line that does not parse stops the run, naming it."""
     if not path.exists():
         return []
-    records, good = [], 0
-    with path.open("rb") as file:
-        for line in file:
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                break
-            good += len(line)
-    if good < path.stat().st_size:
+    data = path.read_bytes()
+    complete = data[:data.rfind(b"\n") + 1]
+    if len(complete) < len(data):
         with path.open("r+b") as file:
-            file.truncate(good)
+            file.truncate(len(complete))
+    records = []
+    for number, line in enumerate(complete.splitlines(), 1):
+        try:
+            records.append(json.loads(line))
+        except ValueError as e:
+            fix = "remove the line or give another --out"
+            raise InputError(f"{path}, line {number}: not a record ({e}); {fix}") from None
     return records
 
 
-def open_run(out: Path, settings: dict) -> None:
-    """Make the run's folder, or check that the run already in it had the same settings (SETTINGS)."""
+def open_run(out: Path, settings: dict):
+    """Make the run's folder, or check that the run already in it had the same settings (SETTINGS); and lock it
+    against a second run at once. Returns the lock: the folder is this process's while it is open."""
     out.mkdir(parents=True, exist_ok=True)
+    lock = (out / ".lock").open("w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise InputError(f"{out} is in use by another tandem eval run; wait for it or give another --out") from None
     path = out / RUN
     if path.exists():
         before = json.loads(path.read_text())
         changed = [k for k in SETTINGS if before.get(k) != settings.get(k)]
         if changed:
+            lock.close()
             raise InputError(f"{path.parent} holds a run with other settings ({changed[0]}: "
                              f"{before.get(changed[0])!r}, now {settings.get(changed[0])!r}); give another --out")
     path.write_text(json.dumps(settings, indent=2) + "\n")
+    return lock
 
 
 def _progress(total: int, enabled: bool):
@@ -261,7 +297,7 @@ def _eval(args: argparse.Namespace) -> int:
         raise InputError("give --large DIR and --small DIR (the pair in this process), or --endpoint URL")
     if args.concurrency < 1 or (args.limit is not None and args.limit < 1):
         raise InputError("--concurrency and --limit must be positive integers")
-    policies = [_policy(p.strip()) for p in args.policies.split(",") if p.strip()]
+    policies = list(dict.fromkeys(_policy(p.strip()) for p in args.policies.split(",") if p.strip()))
     unknown = [p for p in policies if p not in POLICIES]
     if not policies or (unknown and not args.endpoint):
         what = unknown[0] if unknown else args.policies
@@ -272,12 +308,13 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"tandem eval: skipped {args.data} {line}", file=sys.stderr)
     if not dataset.samples:
         raise InputError(f"--data {args.data}: no samples")
-    scorer = args.scorer or dataset.scorer
-    settings = {"data": str(args.data), "dataset": dataset.name, "scorer": scorer,
+    settings = {"data": str(args.data), "data_sha256": _fingerprint(args.data), "dataset": dataset.name,
+                "scorer": args.scorer or f"{dataset.scorer} (choice where a sample has options)",
                 "answerer": args.endpoint or f"{args.large} + {args.small}", "keep": args.keep, "delta": args.delta,
-                "budget": None if args.endpoint else vars(budget), "concurrency": args.concurrency,
-                "device": None if args.endpoint else str(args.device or "auto"), "dtype": args.dtype}
-    open_run(args.out, settings)  # a clash with the folder's earlier run is told before any model loads
+                "budget": None if args.endpoint else vars(budget), "temperature": args.temperature,
+                "concurrency": args.concurrency, "device": None if args.endpoint else str(args.device or "auto"),
+                "dtype": args.dtype}
+    lock = open_run(args.out, settings)  # a clash with the folder's earlier run is told before any model loads
     if args.endpoint:
         answerer = EndpointAnswerer(args.endpoint, args.api_key, args.keep, args.delta, args.temperature,
                                     args.timeout)
@@ -286,11 +323,25 @@ def _eval(args: argparse.Namespace) -> int:
 
         tandem = Tandem.from_pretrained(args.large, args.small, device=args.device, dtype=args.dtype, budget=budget)
         answerer = PairAnswerer(tandem, args.keep, args.delta)
-    report = evaluate(answerer, dataset, policies, args.out, settings, scorer, args.concurrency,
-                      progress=not args.no_progress, seed=args.seed)
+    with lock:
+        report = evaluate(answerer, dataset, policies, args.out, settings, args.scorer, args.concurrency,
+                          progress=not args.no_progress, seed=args.seed)
     print(summary_table(report))
     print(f"tandem eval: wrote {args.out}/report.json, summary.txt, samples.jsonl and the plots", file=sys.stderr)
     return 0
+
+
+def _fingerprint(data: str) -> str:
+    """The data file's SHA-256 (easy-vqa: its package's version): records must not land on edited samples."""
+    if data == EASY_VQA:
+        from importlib.metadata import version
+
+        return f"easy-vqa {version('easy-vqa')}"
+    digest = hashlib.sha256()
+    with open(data, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _policy(name: str) -> str:

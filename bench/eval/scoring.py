@@ -1,14 +1,17 @@
 """Scorers: a model's answer against a sample's accepted answers, each as its benchmark defines it.
 
 - `choice` (MMBench, RealWorldQA, any multiple choice): the option letter the answer gives, found by rules
-  ("B", "(B)", "B. a cat", "The answer is B", or the text of exactly one option); 1 when it is the right one.
-  MMBench's own evaluation falls back on a GPT judge when its rules find no letter: here such an answer scores 0.
+  ("B", "(B)", "B. a cat", "The answer is B", or the text of exactly one option; a leading "A" followed by words
+  is read as the article); 1 when it is the right one. MMBench's own evaluation falls back on a GPT judge when its
+  rules find no letter: here such an answer scores 0. (Its CircularEval, a question right only when all its
+  rotations are, is the report's grouping: report.py.)
 - `yesno` (POPE): POPE's own rule: keep the first sentence; "no" when it holds the word No, no or not, else "yes".
 - `relaxed` (ChartQA): numbers within 5% of the answer (a trailing % read as a percentage), other answers equal
   ignoring case (pix2struct's `relaxed_correctness`, which ChartQA's papers use).
 - `anls` (InfoVQA, DocVQA): 1 - normalized Levenshtein distance to the closest answer, 0 when that is 0.5 or more.
 - `exact`: equal to an accepted answer after the VQA normalization (case, punctuation, articles, number words).
-Each returns a score in [0, 1]; a benchmark's accuracy is their mean.
+Each returns a score in [0, 1]; a benchmark's accuracy is their mean. A sample with options is scored by `choice`
+unless a scorer is forced (`scorer_for`).
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ from tandem.bench.eval.data import Sample
 
 ANLS_THRESHOLD = 0.5
 RELAXED_TOLERANCE = 0.05
-_NUMBER_WORDS = {w: str(i) for i, w in enumerate(
-    "zero one two three four five six seven eight nine ten".split())}
+_NUMBER_WORDS = {"none": "0", **{w: str(i) for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten".split())}}
 _ARTICLES = {"a", "an", "the"}
 
 
@@ -28,13 +31,19 @@ def score(scorer: str, prediction: str, sample: Sample) -> float:
     return SCORERS[scorer](prediction, sample)
 
 
+def scorer_for(sample: Sample, default: str, forced: str | None = None) -> str:
+    """The scorer of one sample: `forced` if given, else `choice` for a sample with options, else `default`."""
+    return forced or ("choice" if sample.choices else default)
+
+
 # ---- multiple choice -----------------------------------------------------------------------------------------------
 def choice_letter(prediction: str, choices: tuple[tuple[str, str], ...]) -> str | None:
     """The option `prediction` picks, or None when the rules find none (or more than one)."""
     letters = [letter for letter, _ in choices]
     text = prediction.strip()
-    alone = {m for m in re.findall(r"(?<![A-Za-z])([A-Z])(?![A-Za-z])", text) if m in letters}
-    lead = re.match(r"^\(?([A-Z])\)?(?:[.:)]|\s|$)", text)  # "B", "(B)", "B.", "B) ...", "B cat"
+    article = re.match(r"^A\s+(?!(?:or|and)\b)[a-z]", text)  # "A blue square": the article, not option A
+    alone = {m for m in re.findall(r"(?<![A-Za-z])([A-Z])(?![A-Za-z])", text[1 if article else 0:]) if m in letters}
+    lead = None if article else re.match(r"^\(?([A-Z])\)?(?:[.:)]|\s|$)", text)  # "B", "(B)", "B.", "B) ..."
     if lead and lead.group(1) in letters and alone <= {lead.group(1)}:
         return lead.group(1)
     said = re.search(r"\b(?i:answer)(?: (?i:is))?\s*:?\s*\(?([A-Z])\)?(?![A-Za-z])", text)
@@ -111,10 +120,12 @@ def _anls(prediction: str, sample: Sample) -> float:
 
 # ---- exact match, VQA-normalized -----------------------------------------------------------------------------------
 def normalize(text: str) -> str:
-    """The VQA normalization: lower case, punctuation dropped (a period between digits kept), number words as
-    digits, articles dropped, spaces collapsed."""
+    """The VQA normalization: lower case, a comma between digits dropped ("3,000": "3000"), other punctuation
+    dropped (a period before a digit kept: "3.5"), number words (and "none") as digits, articles dropped, spaces
+    collapsed."""
     text = text.lower().replace("\n", " ").replace("\t", " ")
-    text = re.sub(r"(?<!\d)\.(?!\d)", " ", text)
+    text = re.sub(r"(?<=\d),(?=\d)", "", text)
+    text = re.sub(r"\.(?!\d)", " ", text)
     text = re.sub(r"[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$:~|']", " ", text)
     words = [_NUMBER_WORDS.get(w, w) for w in text.split()]
     return " ".join(w for w in words if w not in _ARTICLES)
