@@ -184,7 +184,7 @@ def _policy_table(result: dict) -> list[str]:
     for name, r in p["results"].items():
         ms = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
         stages = "; ".join(f"{st['model']} {st['role']} {'/'.join(map(str, st['output_tokens']))} "
-                           f"({ms(st['vision_ms'])} / {ms(st['prefill_ms'])} / {ms(st['decode_ms'])})"
+                           f"({ms(st['vision_ms'])} / {ms(st['prefill_ms'])} / {ms(st['decode_ms'])})" + _drafts(st)
                            for st in r["stages"])
         lines.append(f"{name:>12} | {_f(r['total_ms'], 10, 1)} | {stages}")
         if r["branches"]:
@@ -199,6 +199,15 @@ def _policy_table(result: dict) -> list[str]:
         lines.append(f"verify's first two stages at once ({how}): verdict {verify['verdict_ms']:.1f} ms vs "
                      f"{sequential['verdict_ms']:.1f} ms one after the other")
     return lines
+
+
+def _drafts(stage: dict) -> str:
+    """A drafted stage's median drafts kept, and tokens per target forward; nothing for a plain stage."""
+    if not stage.get("verify_forwards"):
+        return ""
+    tokens = stage["accepted"] + stage["verify_forwards"]
+    return (f" [drafts kept {stage['accepted']:.0f} of {stage['drafted']:.0f}, "
+            f"{tokens / stage['verify_forwards']:.2f} tokens per large forward]")
 
 
 # ---- the plot ----------------------------------------------------------------------------------------------------

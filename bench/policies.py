@@ -1,10 +1,11 @@
 """The policies part of `tandem bench`: every pair policy end to end with forced lengths, on its own large + small
-pair, verify also with its two first stages one after the other."""
+pair, verify also with its two first stages one after the other, and large-reason drafted by the small model
+(speculative decoding) and by the large model itself (every draft kept: the mechanism's cost ceiling)."""
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from tandem.bench.build import QUESTION, bench_image, build_models, free_memory
@@ -13,6 +14,9 @@ from tandem.bench.timing import Progress, median
 from tandem.runtime.pipeline import POLICIES, Budget, Tandem
 
 SEQUENTIAL_VERIFY = "verify (sequential)"  # verify with its two first stages one after the other: the overlap's gain
+SPECULATIVE = "large-reason (speculative)"  # drafted by the small model, up to SPECULATIVE_K tokens at a time
+SELF_DRAFT = "large-reason (self-draft)"  # drafted by the large model itself
+SPECULATIVE_K = 4
 
 
 def bench_policies(s: BenchSettings, files: Path, progress: Progress) -> dict:
@@ -25,22 +29,25 @@ def bench_policies(s: BenchSettings, files: Path, progress: Progress) -> dict:
         built.append(build_models(name, device, dtype, seed, files, kv_tokens, s.kernel_backend, keep_hf=False))
         progress.step(f"built {role} {name}")
     budget = Budget(short_tokens=s.short_tokens, reason_tokens=s.reason_tokens, temperature=0.0, ignore_eos=True)
-    pair = Tandem(built[0].engine, built[1].engine, budget=budget)
-    overlap = pair.overlap  # the default where the run happens (two CUDA streams on a GPU)
     engine = built[0].engine
-    runs: dict[str, list[dict]] = {p: [] for p in (*POLICIES, SEQUENTIAL_VERIFY)}
+    pair = Tandem(engine, built[1].engine, budget=budget)
+    drafted = replace(budget, speculative=SPECULATIVE_K)
+    pairs = {SPECULATIVE: Tandem(engine, built[1].engine, budget=drafted),
+             SELF_DRAFT: Tandem(engine, engine, budget=drafted)}
+    overlap = pair.overlap  # the default where the run happens (two CUDA streams on a GPU)
+    runs: dict[str, list[dict]] = {p: [] for p in (*POLICIES, SEQUENTIAL_VERIFY, SPECULATIVE, SELF_DRAFT)}
     for i in range(1 + s.repeats):
         for j, name in enumerate(runs):
             image = bench_image(s.policy_image_size, s.seed + 1000 * (i + 1) + j)  # new pixels: the vision cache misses
             pair.overlap = overlap and name != SEQUENTIAL_VERIFY
             start = engine.now()
-            result = pair.answer(image, QUESTION, policy=name.removesuffix(" (sequential)"))
+            result = pairs.get(name, pair).answer(image, QUESTION, policy=name.split(" (")[0])
             total = engine.now() - start
             if i:
                 runs[name].append(_policy_run(result, total, budget))
             progress.step(f"policy {name}" + ("" if i else " (warm-up)"))
     results = {p: _policy_summary(r) for p, r in runs.items()}
-    del pair, built, engine
+    del pair, pairs, built, engine
     free_memory(device)
     return {"large": large_name, "small": small_name, "budget": asdict(budget), "question": QUESTION,
             "image_size": [s.policy_image_size, s.policy_image_size], "verify_overlap": overlap, "results": results}
@@ -59,6 +66,8 @@ def _policy_run(result, total_s: float, budget: Budget) -> dict:
             "prefill_ms": 1000 * st.timings.prefill_s,
             "decode_ms": 1000 * st.timings.decode_s if len(st.output_ids) > 1 else None,
             "vision_cache_hit": st.vision_cache_hit,
+            "drafted": st.timings.drafted, "accepted": st.timings.accepted,
+            "verify_forwards": st.timings.verify_forwards,
         })
     branch = None
     if result.agreed is not None:
@@ -78,7 +87,7 @@ def _policy_summary(runs: list[dict]) -> dict:
         rows = [r["stages"][k] for r in same]
         stage = {key: rows[0][key] for key in ("model", "role", "input_tokens", "prefilled_tokens", "expected_tokens")}
         stage["output_tokens"] = sorted({row["output_tokens"] for row in rows})
-        for key in ("vision_ms", "prefill_ms", "decode_ms"):
+        for key in ("vision_ms", "prefill_ms", "decode_ms", "drafted", "accepted", "verify_forwards"):
             stage[key] = median([row[key] for row in rows])
         stages.append(stage)
     branches = Counter(r["branch"] for r in runs if r["branch"] is not None)

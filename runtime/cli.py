@@ -54,9 +54,9 @@ TRANSFER_POLICIES = ("transfer", "verify")  # the policies with a transfer stage
 # have no effect is refused, not ignored); these defaults are filled in after that check. None: the checkpoint's.
 DEFAULTS = {"max_tokens": 64, "temperature": None, "top_p": None, "top_k": None, "seed": None, "policy": "verify",
             "keep": "all", "delta": DEFAULT_DELTA, "short_tokens": Budget.short_tokens,
-            "reason_tokens": Budget.reason_tokens}
+            "reason_tokens": Budget.reason_tokens, "speculative": 0}
 SAMPLING_FLAGS = ("max_tokens", "temperature", "top_p", "top_k", "seed")
-PAIR_FLAGS = ("policy", "keep", "delta", "short_tokens", "reason_tokens")
+PAIR_FLAGS = ("policy", "keep", "delta", "short_tokens", "reason_tokens", "speculative")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,6 +181,9 @@ def _add_pair_args(p: argparse.ArgumentParser, scope: str = "") -> None:
                        help=f"output tokens of a short answer (default: {DEFAULTS['short_tokens']})")
     group.add_argument("--reason-tokens", type=_positive_int, metavar="N",
                        help=f"output tokens of a reasoning stage (default: {DEFAULTS['reason_tokens']})")
+    group.add_argument("--speculative", type=_positive_int, metavar="K",
+                       help="the large model's answer and reasoning drafted by the small model, up to K tokens at a "
+                            "time: the same tokens in fewer large-model forwards (greedy only; default: off)")
 
 
 def _add_output_args(p: argparse.ArgumentParser, json_help: str) -> None:
@@ -301,7 +304,8 @@ def _reply(handle: RequestHandle, on_text: Callable[[str], None]) -> GenerateOut
 
 
 def _run_pair(args: argparse.Namespace, settings: dict, large: str, small: str, image, question: str) -> None:
-    budget = Budget(short_tokens=args.short_tokens, reason_tokens=args.reason_tokens, ignore_eos=args.ignore_eos)
+    budget = Budget(short_tokens=args.short_tokens, reason_tokens=args.reason_tokens, ignore_eos=args.ignore_eos,
+                    speculative=args.speculative)
     paths = {"large": resolve_checkpoint(large), "small": resolve_checkpoint(small)}  # both, before either loads
     if args.kv_cache_tokens is None:  # the two caches share one device's memory
         settings = {**settings, "kv_cache_tokens": shared_kv_tokens(list(paths.values()), settings["device"],

@@ -9,6 +9,7 @@ handles learn the outcome. Calls from many threads, and asyncio tasks, share one
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 import time
@@ -123,9 +124,19 @@ class Engine:
         return self._submit(self.prepare(messages, prompt_token_ids, images, max_tokens=params.max_tokens), params)
 
     def generate(self, messages: Messages | None = None, sampling: SamplingParams | None = None, *,
-                 prompt_token_ids: TokenIds | None = None, images: list | None = None) -> GenerateOutput:
+                 prompt_token_ids: TokenIds | None = None, images: list | None = None,
+                 draft: "Engine | None" = None, speculative: int = 0) -> GenerateOutput:
         """Generate a reply to chat `messages` (a plain string is one user message), or to ready
-        `prompt_token_ids` with `images`."""
+        `prompt_token_ids` with `images`. With a `draft` engine (a smaller model with the same tokenizer) and
+        speculative=k, the draft proposes up to k tokens at a time and this engine checks them in one forward
+        (runtime/speculative.py; greedy only): the same tokens, in fewer of this model's forwards."""
+        if draft is not None or speculative:
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                return asyncio.run(self.generate_async(messages, sampling, prompt_token_ids=prompt_token_ids,
+                                                       images=images, draft=draft, speculative=speculative))
+            raise InputError("Engine.generate was called inside a running event loop: await generate_async there")
         return self.submit(messages, sampling, prompt_token_ids=prompt_token_ids, images=images).result()
 
     def stream(self, messages: Messages | None = None, sampling: SamplingParams | None = None, *,
@@ -152,10 +163,24 @@ class Engine:
         return [h.result() for h in handles]
 
     async def generate_async(self, messages: Messages | None = None, sampling: SamplingParams | None = None, *,
-                             prompt_token_ids: TokenIds | None = None, images: list | None = None) -> GenerateOutput:
+                             prompt_token_ids: TokenIds | None = None, images: list | None = None,
+                             draft: "Engine | None" = None, speculative: int = 0) -> GenerateOutput:
         """generate() for asyncio: many calls in flight share the engine's batch; cancelling the task aborts."""
+        if draft is not None or speculative:
+            return await self._speculate(messages, sampling, prompt_token_ids, images, draft, speculative)
         handle = self.submit(messages, sampling, prompt_token_ids=prompt_token_ids, images=images)
         return await handle.result_async()
+
+    async def _speculate(self, messages, sampling, prompt_token_ids, images, draft, speculative) -> GenerateOutput:
+        from tandem.runtime.speculative import speculate
+
+        if not isinstance(draft, Engine) or not speculative:
+            raise InputError("speculative decoding takes another Engine as draft and speculative=k > 0 draft tokens")
+        self.tokenizer.check_same(draft.tokenizer, "the draft's tokens are checked as token ids")
+        params = self.resolve(sampling)
+        prompt = self.prepare(messages, prompt_token_ids, images, max_tokens=params.max_tokens + speculative)
+        draft_prompt = draft.prepare(messages, prompt_token_ids, images, max_tokens=params.max_tokens + speculative)
+        return await speculate(self, draft, prompt, draft_prompt, params, speculative)
 
     def stream_async(self, messages: Messages | None = None, sampling: SamplingParams | None = None, *,
                      prompt_token_ids: TokenIds | None = None, images: list | None = None) -> AsyncIterator[str]:
@@ -186,12 +211,19 @@ class Engine:
         headroom = -(-stage_tokens // self.pool.page_size) + 1 if stage_tokens else 0  # + a copied last page
         return self._submit(prompt, None, keep_sequence=True, headroom=headroom)
 
-    def submit_stage(self, parent: Sequence, prompt: Prompt, params: SamplingParams, key_mass: bool = False,
-                     ready: torch.cuda.Event | None = None) -> RequestHandle:
-        """Continue `parent` (a prefix) with `prompt` (its token ids may be a device tensor, whose `ready` event
-        the loop waits for) and decode. With key_mass, the result's key_mass holds the attention each output token
-        received from the later steps (summed over heads and layers)."""
-        return self._submit(prompt, params, parent=parent, key_mass=key_mass, ready=ready)
+    def submit_stage(self, parent: Sequence | None, prompt: Prompt, params: SamplingParams, key_mass: bool = False,
+                     ready: torch.cuda.Event | None = None, keep_sequence: bool = False) -> RequestHandle:
+        """Continue `parent` (a prefix; None: start afresh) with `prompt` (its token ids may be a device tensor,
+        whose `ready` event the loop waits for) and decode. With key_mass, the result's key_mass holds the
+        attention each output token received from the later steps (summed over heads and layers). With
+        keep_sequence, the result's seq hands the sequence over (every fed token in it; the last token drawn is
+        not fed): give it back with `release`."""
+        return self._submit(prompt, params, parent=parent, key_mass=key_mass, ready=ready, keep_sequence=keep_sequence)
+
+    def submit_verify(self, parent: Sequence, prompt: Prompt) -> RequestHandle:
+        """Prefill `prompt` after `parent`, keeping the logits of every one of its positions: a speculation's check
+        of its drafts. `parent` stays as it was; the result's seq (a Prefill's) holds both, handed over."""
+        return self._submit(prompt, None, parent=parent, keep_sequence=True, prompt_logits=True)
 
     def release(self, seq: Sequence) -> None:
         """Give a prefix's pages back, now. Its forks keep the pages they share until they end, and device work
@@ -378,6 +410,7 @@ class Engine:
                                 request.vision_cache_hit)
             else:
                 value = request.output(self.tokenizer)
+                value.seq = request.seq if request.keep_sequence else None
             if error is None and self._stream is not None and (request.prompt_logits or request.key_mass):
                 value.ready = torch.cuda.Event()  # device results: the caller's stream waits for this one's work
                 value.ready.record(torch.cuda.current_stream(self.device))

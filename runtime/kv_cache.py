@@ -147,6 +147,17 @@ class Sequence:
             self.pages.extend(parent.pages)
             self.length = parent.length
 
+    def truncate(self, length: int) -> None:
+        """Forget every token from `length` on (a speculation's rejected drafts): the pages past the new end go
+        back; what stays past `length` in the last page is overwritten by the next tokens."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"truncate({length}) of a sequence of {self.length} tokens")
+        with self.pool.lock, uninterrupted():
+            keep = -(-length // self.pool.page_size)
+            self.pool.release(self.pages[keep:])
+            del self.pages[keep:]
+            self.length = length
+
     def release(self) -> None:
         """Give back every page (a no-op when it holds none, so a `finally` may call it whatever happened)."""
         with self.pool.lock, uninterrupted():

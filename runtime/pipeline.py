@@ -36,9 +36,10 @@ from tandem.runtime.config import CPU_KV_TOKENS, CUDA_KV_FRACTION, parse_device,
 from tandem.runtime.engine import Engine
 from tandem.runtime.kv_cache import PagePool, Sequence
 from tandem.runtime.loop import off_loop
-from tandem.runtime.request import GenerateOutput, Prefill, Prompt, RequestHandle
+from tandem.runtime.request import GenerateOutput, Prefill, Prompt
 from tandem.runtime.sampling import SamplingParams
 from tandem.runtime.selection import DEFAULT_DELTA, KEEP_MODES, select_key_tokens
+from tandem.runtime.speculative import speculate
 from tandem.runtime.stages import POLICIES, POLICY_MODELS, Budget, Prompts, Stage, TandemResult
 from tandem.runtime.vision_cache import DEFAULT_VISION_CACHE_BYTES, VisionCache
 
@@ -69,7 +70,7 @@ class Tandem:
     def __init__(self, large: Engine, small: Engine, prompts: Prompts = Prompts(), budget: Budget = Budget(),
                  vision_cache_bytes: int = DEFAULT_VISION_CACHE_BYTES, overlap: bool = True):
         """overlap: run verify's two first stages at once (False: one after the other, to measure the gain)."""
-        _check_same_tokenizer(large, small)
+        large.tokenizer.check_same(small.tokenizer, "reasoning is handed over as token ids")
         self.engines = {"large": large, "small": small}
         self.overlap = overlap
         self.prompts = prompts
@@ -143,7 +144,8 @@ class Tandem:
             raise InputError(f"budget must be a Budget, got {type(budget).__name__}")
         request = _Request(question.strip(), policy, budget or self.budget, time.perf_counter(), on_text=on_text)
         size = image_size(image, 0)
-        for model in POLICY_MODELS[policy]:
+        drafts = ("small",) if self._speculates(request, "large") and "small" not in POLICY_MODELS[policy] else ()
+        for model in (*POLICY_MODELS[policy], *drafts):
             engine = self.engines[model]
             pads = image_tokens(*size, engine.image_config, 0)
             prefix = len(engine.tokenizer.encode(self._chat_parts(request, model)[0])) - 1 + pads
@@ -217,15 +219,26 @@ class Tandem:
         prefix = await self._prefix(request, model)
         params = engine.resolve(SamplingParams(max_tokens=max_tokens, temperature=request.budget.temperature,
                                                ignore_eos=request.budget.ignore_eos))
+        drafted = self._speculates(request, model) and positions is None and not key_mass
         if positions is None:
             start = prefix.seq.length + prefix.rope_delta
             positions = torch.arange(start, start + len(suffix)).expand(3, -1)
         prompt = Prompt(suffix, [], [], [], positions, prefix.rope_delta)
-        handle = engine.submit_stage(prefix.seq, prompt, params, key_mass=key_mass, ready=ready)
-        if request.on_text is not None:
-            async for piece in handle.stream_async():
-                request.on_text(model, role, piece)
-        out: GenerateOutput = await handle.result_async()
+        if drafted:  # the small model drafts (its own prefix, the same suffix ids at its positions)
+            draft = await self._prefix(request, "small")
+            start = draft.seq.length + draft.rope_delta
+            draft_prompt = Prompt(suffix, [], [], [], torch.arange(start, start + len(suffix)).expand(3, -1),
+                                  draft.rope_delta)
+            out = await speculate(engine, self.engines["small"], prompt, draft_prompt, params,
+                                  request.budget.speculative, prefix.seq, draft.seq)
+            if request.on_text is not None:
+                request.on_text(model, role, out.text)  # whole: a speculative stage does not stream yet
+        else:
+            handle = engine.submit_stage(prefix.seq, prompt, params, key_mass=key_mass, ready=ready)
+            if request.on_text is not None:
+                async for piece in handle.stream_async():
+                    request.on_text(model, role, piece)
+            out: GenerateOutput = await handle.result_async()
         stage = Stage(
             model=model, role=role, input_tokens=prefix.seq.length + len(suffix), prefilled_tokens=len(suffix),
             suffix_ids=suffix.tolist() if isinstance(suffix, torch.Tensor) else list(suffix),
@@ -255,7 +268,7 @@ class Tandem:
         ids = expand_image_pads(ids, [pads], engine.tokenizer.image_pad_id)
         prompt = engine.prompts.of(ids, [request.image], [request.digest])
         handle = engine.submit_prefix(prompt, self._stage_tokens(request, model))
-        prefill: Prefill = await _result(handle, engine)
+        prefill: Prefill = await handle.handover_async()
         return _Prefix(prefill.seq, prompt.rope_delta, prefill)
 
     async def _release(self, request: _Request) -> None:
@@ -281,7 +294,15 @@ class Tandem:
         if model == "large" and policy in ("transfer", "verify"):
             template = len(self._suffix_ids(request, model, "\n" + self.prompts.transfer.replace("{reasoning}", "")))
             sizes.append(template + 2 + b.reason_tokens + b.short_tokens)  # 2: the split may cost a merge each side
+        if model == "small" and self._speculates(request, "large"):  # the draft follows the large model's stages
+            sizes.append(self._stage_tokens(request, "large") + b.speculative)
         return max(sizes)
+
+    @staticmethod
+    def _speculates(request: _Request, model: str) -> bool:
+        """Does this request's large-model answer or reasoning stage run drafted by the small model?"""
+        return model == "large" and request.budget.speculative > 0 and request.policy in ("large", "large-reason",
+                                                                                          "verify")
 
     def _headroom(self, request: _Request, model: str) -> int:
         size = self.engines[model].pool.page_size
@@ -299,22 +320,6 @@ class Tandem:
         return request.chat[model]
 
 
-async def _result(handle: RequestHandle, engine: Engine):
-    """handle.result_async(). If the awaiting task is cancelled, the request is aborted; should the engine have
-    handed the prefix over before the abort reached it, the prefix goes back instead of being lost."""
-    try:
-        return await handle.result_async()
-    except asyncio.CancelledError:
-        while not handle.done:  # the abort is on its way: the outcome comes within a step
-            try:
-                await asyncio.sleep(0.001)
-            except asyncio.CancelledError:  # cancelled again meanwhile: the prefix must still come back
-                continue
-        if isinstance(handle._value, Prefill) and handle._value.seq is not None:
-            engine.release(handle._value.seq)
-        raise
-
-
 def _decoded(image) -> tuple[torch.Tensor, str]:
     decoded = load_image(image, 0)
     return decoded, image_digest(decoded)
@@ -330,19 +335,6 @@ async def _all(*coroutines):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
-
-
-def _check_same_tokenizer(large: Engine, small: Engine) -> None:
-    """Token ids pass between the models as they are, so both must mean the same thing by every id."""
-    a, b = large.tokenizer.vocab(), small.tokenizer.vocab()
-    if a == b:
-        return
-    differing = sorted(set(a.items()) ^ set(b.items()), key=lambda item: item[1])
-    token, token_id = differing[0]
-    raise InputError(
-        f"the two models' tokenizers differ (e.g. token {token!r} / id {token_id}; vocabularies of {len(a)} and "
-        f"{len(b)} tokens): reasoning is handed over as token ids, which needs one tokenizer"
-    )
 
 
 def shared_kv_tokens(checkpoints: list, device: torch.device, dtype) -> int:

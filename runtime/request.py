@@ -49,6 +49,9 @@ class Timings:
     image_tokens: int = 0
     output_tokens: int = 0
     decode_steps: int = 0  # decode steps this request was fed in, steps past its stop included
+    drafted: int = 0  # speculative decoding: tokens the draft proposed,
+    accepted: int = 0  # of which the target kept these,
+    verify_forwards: int = 0  # in this many target forwards (each also gives one token of its own)
 
     @property
     def decode_ms_per_token(self) -> float:
@@ -90,6 +93,7 @@ class GenerateOutput:
     timings: Timings
     key_mass: torch.Tensor | None = None  # with key_mass: [output tokens, stop token excluded] float32 on the device
     ready: torch.cuda.Event | None = None  # on CUDA with key_mass: wait for it before reading key_mass
+    seq: Sequence | None = None  # with keep_sequence: the sequence, handed over (every fed token's K/V in it)
 
 
 @dataclass
@@ -292,6 +296,28 @@ class RequestHandle:
         finally:
             self._unregister(event)
         return self._outcome()
+
+    async def handover_async(self):
+        """result_async() for a request that hands its sequence over (keep_sequence). If the awaiting task is
+        cancelled, the request is discarded (`discard_async`): a sequence handed over meanwhile is not lost."""
+        try:
+            return await self.result_async()
+        except asyncio.CancelledError:
+            await self.discard_async()
+            raise
+
+    async def discard_async(self) -> None:
+        """Abort the request and wait for its end, whatever cancels the waiting task meanwhile; a sequence it
+        handed over before the abort reached it goes back. For a caller that will not take the outcome."""
+        self.abort()
+        while not self._done:  # the abort is on its way: the outcome comes within a step
+            try:
+                await asyncio.sleep(0.001)
+            except asyncio.CancelledError:  # cancelled again meanwhile: the sequence must still come back
+                continue
+        seq = getattr(self._value, "seq", None)
+        if seq is not None:
+            seq.release()
 
     async def stream_async(self) -> AsyncIterator[str]:
         text, event, seen = self._reply_text(), self._register(every_token=True), 0

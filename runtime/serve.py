@@ -54,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser, positive_int, positive_float) -> N
     pair = p.add_argument_group("the pair")
     pair.add_argument("--short-tokens", type=positive_int, default=Budget.short_tokens, metavar="N",
                       help="output tokens of a short answer (default: %(default)s; a request's max_tokens may cap it)")
+    pair.add_argument("--speculative", type=int, default=0, metavar="K",
+                      help="the large model's answer and reasoning stages drafted by the small model, up to K tokens "
+                           "at a time (greedy requests only; default: off)")
     pair.add_argument("--reason-tokens", type=positive_int, default=Budget.reason_tokens, metavar="N",
                       help="output tokens of a reasoning stage (default: %(default)s)")
     batch = p.add_argument_group("batching (each engine)")
@@ -84,7 +87,8 @@ def run(args: argparse.Namespace, settings: dict) -> int:
     paths = tuple(resolve_checkpoint(c) for c in checkpoints)  # every one, before any loads
     names = (args.served_model_name,) if args.served_model_name else tuple(map(_name, checkpoints))
     load = functools.partial(load_served, paths, names, settings,
-                             Budget(short_tokens=args.short_tokens, reason_tokens=args.reason_tokens))
+                             Budget(short_tokens=args.short_tokens, reason_tokens=args.reason_tokens,
+                                    speculative=args.speculative))
     from tandem.runtime.server import ServerConfig, run_server
 
     media = MediaLimits(args.fetch_timeout, args.max_image_bytes, args.max_image_pixels, args.max_images,

@@ -38,12 +38,14 @@ class Prompts:
 @dataclass(frozen=True)
 class Budget:
     """Output tokens per stage kind, and the sampling every stage uses (greedy by default, for reproducibility).
-    ignore_eos forces every stage to its full length (latency studies)."""
+    ignore_eos forces every stage to its full length (latency studies). speculative=k: the large model's answer
+    and reasoning stages are drafted by the small model, up to k tokens at a time (greedy only; 0: off)."""
 
     short_tokens: int = 16
     reason_tokens: int = 512
     temperature: float = 0.0
     ignore_eos: bool = False
+    speculative: int = 0
 
     def __post_init__(self) -> None:
         """Checked here, by the field's own name, as the SamplingParams of each stage would be later."""
@@ -56,6 +58,11 @@ class Budget:
             raise InputError(f"Budget.temperature must be a finite number >= 0, got {t!r}")
         if not isinstance(self.ignore_eos, bool):
             raise InputError(f"Budget.ignore_eos must be True or False, got {self.ignore_eos!r}")
+        k = self.speculative
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
+            raise InputError(f"Budget.speculative must be a number of draft tokens >= 0, got {k!r}")
+        if k and t != 0:
+            raise InputError("Budget.speculative is greedy only so far: give temperature 0")
 
 
 @dataclass

@@ -101,6 +101,8 @@ def test_every_measured_number_is_positive_and_finite(run):
                 continue
             if path.startswith("decode.stop."):  # counts and a token id: 0 is a valid value (test_stop_check)
                 continue
+            if path.rsplit(".", 1)[-1] in ("drafted", "accepted", "verify_forwards"):  # counts, 0 without a draft
+                continue
             assert math.isfinite(value) and value > 0, (path, value)
             found += 1
     assert found > 200
@@ -134,12 +136,25 @@ def test_forced_lengths_were_produced(run):
         assert decode["columns"][key]["tokens"] == [[n] for n in LENGTHS], key
     policies = run["data"]["policies"]
     assert policies["budget"]["short_tokens"] == SHORT and policies["budget"]["reason_tokens"] == REASON
-    assert list(policies["results"]) == [*POLICIES, "verify (sequential)"]
+    assert list(policies["results"]) == [*POLICIES, "verify (sequential)", "large-reason (speculative)",
+                                         "large-reason (self-draft)"]
     for name, result in policies["results"].items():
         for one in result["runs"]:
             for stage in one["stages"]:
                 expected = REASON if stage["role"] == "reason" else SHORT
                 assert stage["output_tokens"] == stage["expected_tokens"] == expected, (name, stage)
+
+
+def test_large_reason_drafted_reports_its_drafts(run):
+    results = run["data"]["policies"]["results"]
+    for name in ("large-reason (speculative)", "large-reason (self-draft)"):
+        for one in results[name]["runs"]:
+            (stage,) = one["stages"]
+            assert stage["verify_forwards"] + stage["accepted"] == REASON - 1  # every token a kept draft or the target's
+            if name.endswith("(self-draft)"):
+                assert stage["accepted"] == stage["drafted"] > 0  # the large model agrees with itself
+    for one in results["large-reason"]["runs"]:
+        assert one["stages"][0]["drafted"] == one["stages"][0]["verify_forwards"] == 0
 
 
 def test_stop_check_counts_the_steps_run_past_a_stop(run):
@@ -281,7 +296,8 @@ def test_both_implementations_get_identical_weights(tmp_path):
 def test_policy_medians_follow_the_most_frequent_branch():
     def one(total, branch, decode):
         stages = [{"model": "large", "role": "answer", "input_tokens": 9, "prefilled_tokens": 9, "expected_tokens": 4,
-                   "output_tokens": 4, "vision_ms": 1.0, "prefill_ms": 2.0, "decode_ms": decode}]
+                   "output_tokens": 4, "vision_ms": 1.0, "prefill_ms": 2.0, "decode_ms": decode, "drafted": 0,
+                   "accepted": 0, "verify_forwards": 0}]
         if branch.startswith("disagreed"):
             stages.append({**stages[0], "role": "transfer", "decode_ms": 50.0})
         return {"total_ms": total, "branch": branch, "stages": stages}

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tandem.runtime import Budget, Engine, SamplingParams, Tandem
-from tandem.runtime import pipeline
+from tandem.runtime import pipeline, speculative
 from tandem.runtime.engine import Engine as _Engine
 from tandem.runtime.kv_cache import PagePool, Sequence, release_all
 from tandem.runtime.loop import Loop
@@ -28,13 +28,16 @@ from tandem.runtime.request import RequestHandle
 from conftest import random_image, wait_for
 
 KV_CODE = [PagePool.allocate, PagePool.release, PagePool.retain, PagePool.reclaim, Sequence.append_slots,
-           Sequence.reserve, Sequence.fork_from, Sequence.release, Sequence._copy_last_page, release_all]
+           Sequence.reserve, Sequence.fork_from, Sequence.truncate, Sequence.release, Sequence._copy_last_page,
+           release_all]
 CALLER_CODE = [_Engine.generate, _Engine.generate_batch, _Engine.stream, _Engine.submit, _Engine.prepare,
                _Engine._submit, Loop.post, _Engine.abort, RequestHandle.result, RequestHandle.stream,
                RequestHandle._reply_text, ReplyText.add, ReplyText.finish, RequestHandle.abort]
 PAIR_CODE = [Tandem.answer, Tandem.answer_async, Tandem._run_policy, Tandem._stage, Tandem._prefix,
              Tandem._build_prefix, Tandem._release, Tandem._transfer, Tandem._reason, Tandem._short, pipeline._all,
-             pipeline._result, RequestHandle.result_async, RequestHandle.stream_async]
+             RequestHandle.handover_async, RequestHandle.result_async, RequestHandle.stream_async]
+SPECULATIVE_CODE = [speculative.speculate, speculative._take, speculative._after, speculative._swap, _Engine._speculate,
+                    _Engine.generate_async, RequestHandle.discard_async, RequestHandle.result_async]
 
 
 class Interrupter:
@@ -167,3 +170,23 @@ def test_ctrl_c_anywhere_in_a_pair_request_leaves_nothing_behind(tiny_2b):
 
     interrupt_everywhere(lambda: pair.answer(image, "What is it?", policy="transfer", keep="attention"),
                          PAIR_CODE + CALLER_CODE, check, every_nth_check_call=10)
+
+
+@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited")  # Ctrl-C on the call to asyncio.run itself
+def test_ctrl_c_anywhere_in_a_speculative_generation_leaves_nothing_behind(tiny_2b, tiny_8b):
+    """Speculative decoding (two engines' kept sequences, forks, truncations), interrupted at every line of its
+    flow: every sequence goes back, every request is aborted, and the next generation is unchanged."""
+    large = Engine.from_pretrained(tiny_8b, device="cpu", dtype="float32", kv_cache_tokens=1024, page_size=4)
+    small = Engine.from_pretrained(tiny_2b, device="cpu", dtype="float32", kv_cache_tokens=1024, page_size=4)
+    messages = [{"role": "user", "content": "Count to three."}]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    expected = large.generate(messages, params).token_ids
+
+    def check(full: bool) -> None:
+        for e in (large, small):
+            assert wait_for(lambda: settled(e))
+        if full:
+            assert large.generate(messages, params, draft=small, speculative=2).token_ids == expected
+
+    interrupt_everywhere(lambda: large.generate(messages, params, draft=small, speculative=2),
+                         SPECULATIVE_CODE + CALLER_CODE, check, every_nth_check_call=10)

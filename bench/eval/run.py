@@ -282,6 +282,8 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     pol.add_argument("--short-tokens", type=int, default=Budget.short_tokens, metavar="N")
     pol.add_argument("--reason-tokens", type=int, default=Budget.reason_tokens, metavar="N")
     pol.add_argument("--temperature", type=float, default=0.0, help="every stage's (default 0: greedy)")
+    pol.add_argument("--speculative", type=int, default=0, metavar="K",
+                     help="the large model's stages drafted by the small model, K tokens at a time (default: off)")
     run = p.add_argument_group("the run")
     run.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, metavar="N",
                      help="answers in flight at once (default: %(default)s)")
@@ -302,7 +304,8 @@ def _eval(args: argparse.Namespace) -> int:
     if not policies or (unknown and not args.endpoint):
         what = unknown[0] if unknown else args.policies
         raise InputError(f"--policies: {what!r} is not one of {', '.join(POLICIES)}")
-    budget = Budget(short_tokens=args.short_tokens, reason_tokens=args.reason_tokens, temperature=args.temperature)
+    budget = Budget(short_tokens=args.short_tokens, reason_tokens=args.reason_tokens, temperature=args.temperature,
+                    speculative=args.speculative)
     dataset = load_dataset(args.data, args.skip_bad_rows, args.limit)  # every row checked before any model work
     for line in dataset.skipped:
         print(f"tandem eval: skipped {args.data} {line}", file=sys.stderr)

@@ -1,0 +1,116 @@
+"""Speculative decoding: a draft engine proposes k tokens, the target engine checks them in one prefill of k + 1
+positions over its paged cache and keeps the longest prefix it agrees with, plus one token of its own.
+
+Both engines keep their sequence between rounds (`keep_sequence`); each round forks it, and the rejected tokens
+are cut off again (`Sequence.truncate`), so a round costs the draft k steps and the target one forward. Each runs
+in its own engine's loop, batched with whatever else that engine serves. Greedy only, so far: the output is the
+target's own greedy output, token for token (up to the rounding that may differ between prefill and decode).
+
+k adapts within [1, k_max]: after a round whose drafts were all kept it grows by one, after one that kept fewer
+than half it shrinks by one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from tandem.models.errors import InputError
+from tandem.models.prompt import Prompt
+from tandem.runtime.kv_cache import Sequence
+from tandem.runtime.request import GenerateOutput, RequestHandle
+from tandem.runtime.sampling import SamplingParams
+
+
+async def speculate(target, draft, target_prompt: Prompt, draft_prompt: Prompt, params: SamplingParams, k_max: int,
+                    target_parent: Sequence | None = None, draft_parent: Sequence | None = None) -> GenerateOutput:
+    """The `target` engine's greedy generation for `target_prompt` (after `target_parent`), drafted by the `draft`
+    engine from `draft_prompt` (the same tokens at the draft's positions, after `draft_parent`). `params`: the
+    target's, resolved. Every sequence it takes goes back when it ends, however it ends."""
+    if params.temperature != 0:
+        raise InputError("speculative decoding is greedy only so far: give temperature 0")
+    if params.stop:
+        raise InputError("stop strings are not supported with speculative decoding yet: give stop_token_ids")
+    if isinstance(k_max, bool) or not isinstance(k_max, int) or k_max < 1:
+        raise InputError(f"speculative must be a positive number of draft tokens, got {k_max!r}")
+    stop_ids = target.stop_ids(params)
+    held: list[Sequence] = []  # the sequences handed over to this generation
+    flying: list[RequestHandle] = []  # its requests not yet handed over: discarded if it ends first
+    try:
+        # Both prefill the prompt; the target's first token is the first output token, the draft's is not used.
+        flying += [target.submit_stage(target_parent, target_prompt, dataclasses.replace(params, max_tokens=1),
+                                       keep_sequence=True),
+                   draft.submit_stage(draft_parent, draft_prompt, _greedy(draft, 1), keep_sequence=True)]
+        start, primed = await _take(flying[0], flying, held), await _take(flying[-1], flying, held)
+        first_at = time.perf_counter()
+        seq_d = primed.seq
+        seq_t, tokens, timings = start.seq, list(start.token_ids), dataclasses.replace(start.timings)
+        pending = list(tokens)  # output tokens not yet in the draft's cache (the last one not in the target's)
+        size = k_max
+        while tokens[-1] not in stop_ids and len(tokens) < params.max_tokens:
+            k = min(size, params.max_tokens - len(tokens) - 1)  # the target adds one token of its own
+            drafts: list[int] = []
+            if k > 0:
+                flying.append(draft.submit_stage(seq_d, _after(seq_d, draft_prompt, pending), _greedy(draft, k),
+                                                 keep_sequence=True))
+                out = await _take(flying[-1], flying, held)
+                drafts, before_d, seq_d = out.token_ids, seq_d.length, _swap(held, seq_d, out.seq)
+            flying.append(target.submit_verify(seq_t, _after(seq_t, target_prompt, [tokens[-1], *drafts])))
+            verified = await _take(flying[-1], flying, held)
+            best = verified.logits.argmax(dim=-1).tolist()  # the target's token after each of t, d1, ..., dk
+            accepted = next((i for i, (d, b) in enumerate(zip(drafts, best)) if d != b), len(drafts))
+            verified.seq.truncate(seq_t.length + 1 + accepted)  # t and the drafts it kept
+            seq_t = _swap(held, seq_t, verified.seq)
+            new = [*drafts[:accepted], best[accepted]]
+            if drafts:  # the draft fed pending and d1 .. d(k-1): it keeps those the target kept
+                kept = min(accepted, len(drafts) - 1)
+                seq_d.truncate(before_d + len(pending) + kept)
+                pending = [*drafts[kept:accepted], new[-1]]
+            else:
+                pending.append(new[-1])
+            stop = next((i + 1 for i, x in enumerate(new) if x in stop_ids), len(new))
+            tokens += new[:min(stop, params.max_tokens - len(tokens))]
+            timings.drafted += len(drafts)
+            timings.accepted += accepted
+            timings.verify_forwards += 1
+            if drafts and accepted == len(drafts):
+                size = min(k_max, size + 1)
+            elif 2 * accepted < len(drafts):
+                size = max(1, size - 1)
+    finally:
+        for handle in list(flying):
+            await handle.discard_async()
+        for seq in held:
+            seq.release()
+    timings.output_tokens, timings.decode_s = len(tokens), time.perf_counter() - first_at
+    stopped = tokens[-1] in stop_ids
+    text = target.tokenizer.decode(tokens[:-1] if stopped else tokens)
+    return GenerateOutput(text, tokens, "stop" if stopped else "length", timings)
+
+
+async def _take(handle: RequestHandle, flying: list[RequestHandle], held: list[Sequence]):
+    """The outcome of a request in `flying`; its sequence, handed over, moves to `held` at once."""
+    out = await handle.result_async()
+    flying.remove(handle)
+    held.append(out.seq)
+    return out
+
+
+def _greedy(draft, n: int) -> SamplingParams:
+    """The draft's params: n greedy tokens, never stopping early (the target decides where the text ends)."""
+    return draft.resolve(SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+
+
+def _after(seq: Sequence, prompt: Prompt, ids: list[int]) -> Prompt:
+    """`ids` continuing `seq` (which began with `prompt`): their positions go on from its end."""
+    start = seq.length + prompt.rope_delta
+    return Prompt(ids, [], [], [], torch.arange(start, start + len(ids)).expand(3, -1), prompt.rope_delta)
+
+
+def _swap(held: list[Sequence], old: Sequence, new: Sequence) -> Sequence:
+    """`new` (a fork of `old` holding all it had) replaces `old`, which goes back."""
+    held.remove(old)
+    old.release()
+    return new

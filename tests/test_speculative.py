@@ -1,0 +1,155 @@
+"""Speculative decoding (greedy): the output is the target's own greedy output token for token, with a draft that
+disagrees (another random model) and one that always agrees (the same checkpoint: every draft kept, k + 1 tokens
+per target forward); speculating and plain requests share the engines; nothing is left holding a page."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tandem.models.errors import InputError
+from tandem.runtime import Budget, Engine, SamplingParams, Tandem
+from tandem.runtime.kv_cache import PagePool, Sequence
+
+from conftest import random_image, wait_for
+
+GREEDY = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def large(tiny_8b) -> Engine:
+    return Engine.from_pretrained(tiny_8b, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def small(tiny_2b) -> Engine:
+    return Engine.from_pretrained(tiny_2b, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def messages():
+    return [{"role": "user", "content": [{"type": "image", "image": random_image(64, 80, seed=3)},
+                                         {"type": "text", "text": "What is in the picture?"}]}]
+
+
+@pytest.fixture(scope="module")
+def reference(large, messages):
+    return large.generate(messages, GREEDY).token_ids
+
+
+def no_pages(*engines: Engine) -> bool:
+    return wait_for(lambda: all(e.pool.pages_in_use == 0 for e in engines))
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_a_disagreeing_draft_changes_no_token(large, small, messages, reference, k):
+    out = large.generate(messages, GREEDY, draft=small, speculative=k)
+    assert out.token_ids == reference and out.finish_reason == "length"
+    t = out.timings
+    assert t.verify_forwards >= 1 and 0 <= t.accepted <= t.drafted
+    assert t.verify_forwards + t.accepted == len(reference) - 1  # each forward: its kept drafts and one token more
+    assert no_pages(large, small)
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_a_draft_that_always_agrees_gives_k_plus_one_tokens_per_forward(large, messages, reference, k):
+    out = large.generate(messages, GREEDY, draft=large, speculative=k)
+    assert out.token_ids == reference
+    t = out.timings
+    assert t.accepted == t.drafted > 0  # acceptance 1.0
+    assert t.verify_forwards == -(-(len(reference) - 1) // (k + 1))  # k + 1 tokens each (the last may be short)
+    assert no_pages(large)
+
+
+def test_a_stop_token_ends_a_speculative_generation_where_it_ends_a_plain_one(large, small, messages, reference):
+    stop = reference[20]
+    params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True, stop_token_ids=(stop,))
+    plain = large.generate(messages, params)
+    out = large.generate(messages, params, draft=small, speculative=4)
+    assert out.token_ids == plain.token_ids and out.text == plain.text and out.finish_reason == "stop"
+    assert no_pages(large, small)
+
+
+def test_speculating_and_plain_requests_share_the_engines(large, small, messages, reference):
+    text = [{"role": "user", "content": "Count from one to twenty."}]
+    text_reference = large.generate(text, GREEDY).token_ids
+
+    async def run():
+        return await asyncio.gather(
+            large.generate_async(messages, GREEDY, draft=small, speculative=3),
+            large.generate_async(text, GREEDY),
+            large.generate_async(text, GREEDY, draft=large, speculative=5),
+            large.generate_async(messages, GREEDY),
+            small.generate_async(text, GREEDY))
+
+    outs = asyncio.run(run())
+    assert [o.token_ids for o in outs[:4]] == [reference, text_reference, text_reference, reference]
+    assert outs[4].token_ids == small.generate(text, GREEDY).token_ids
+    assert no_pages(large, small)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.02, 0.1, 0.4])
+def test_a_cancelled_speculative_generation_gives_every_page_back(large, small, messages, delay):
+    async def run():
+        task = asyncio.ensure_future(large.generate_async(messages, GREEDY, draft=small, speculative=2))
+        while large.pool.pages_in_use == 0 or small.pool.pages_in_use == 0:
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(delay)  # while both prefill, or in a later round: drafting or checking
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+    assert no_pages(large, small)
+
+
+def test_bad_speculative_requests_are_refused(large, small, messages):
+    with pytest.raises(InputError, match="greedy only"):
+        large.generate(messages, SamplingParams(max_tokens=8, temperature=0.7), draft=small, speculative=2)
+    with pytest.raises(InputError, match="another Engine as draft and speculative=k > 0"):
+        large.generate(messages, GREEDY, draft=small, speculative=0)
+    with pytest.raises(InputError, match="positive number of draft tokens"):
+        large.generate(messages, GREEDY, draft=small, speculative=-1)
+    assert no_pages(large, small)
+    assert large.generate(messages, GREEDY, draft=small, speculative=2).token_ids  # still usable
+
+
+def test_truncating_a_sequence_gives_back_the_pages_past_its_new_end(tiny_2b):
+    engine = Engine.from_pretrained(tiny_2b, device="cpu", dtype="float32", kv_cache_tokens=256)
+    pool: PagePool = engine.pool
+    seq = Sequence(pool)
+    seq.append_slots(40)  # 3 pages of 16
+    assert len(seq.pages) == 3 and pool.pages_in_use == 3
+    seq.truncate(17)  # 2 pages
+    assert (seq.length, len(seq.pages), pool.pages_in_use) == (17, 2, 2)
+    seq.truncate(16)
+    assert (seq.length, len(seq.pages), pool.pages_in_use) == (16, 1, 1)
+    with pytest.raises(ValueError):
+        seq.truncate(17)
+    seq.release()
+    assert pool.pages_in_use == 0
+
+
+@pytest.mark.parametrize("policy", ["large-reason", "large", "verify"])
+def test_the_pairs_large_stages_drafted_by_the_small_model_are_unchanged(large, small, policy):
+    image, question = random_image(64, 80, seed=5), "What is in the picture?"
+    plain = Tandem(large, small, budget=Budget(short_tokens=8, reason_tokens=40)).answer(image, question, policy)
+    pair = Tandem(large, small, budget=Budget(short_tokens=8, reason_tokens=40, speculative=3))
+    drafted = pair.answer(image, question, policy)
+    assert [s.output_ids for s in drafted.stages] == [s.output_ids for s in plain.stages]
+    assert drafted.answer == plain.answer
+    for stage in drafted.stages:
+        t = stage.timings
+        if stage.model == "large" and stage.role != "transfer":  # drafted: every token is a kept draft or the
+            assert t.verify_forwards > 0 and t.verify_forwards + t.accepted == len(stage.output_ids) - 1  # target's
+        else:
+            assert t.drafted == t.verify_forwards == 0
+    assert no_pages(large, small)
+
+
+def test_a_speculative_budget_is_greedy():
+    with pytest.raises(InputError, match="Budget.speculative is greedy only"):
+        Budget(speculative=2, temperature=0.5)
+    with pytest.raises(InputError, match="Budget.speculative must be a number of draft tokens >= 0"):
+        Budget(speculative=-1)
