@@ -183,7 +183,7 @@ def _add_pair_args(p: argparse.ArgumentParser, scope: str = "") -> None:
                        help=f"output tokens of a reasoning stage (default: {DEFAULTS['reason_tokens']})")
     group.add_argument("--speculative", type=_positive_int, metavar="K",
                        help="the large model's answer and reasoning drafted by the small model, up to K tokens at a "
-                            "time: the same tokens in fewer large-model forwards (greedy only; default: off)")
+                            "time: the same output in fewer large-model forwards (default: off)")
 
 
 def _add_output_args(p: argparse.ArgumentParser, json_help: str) -> None:

@@ -129,7 +129,8 @@ class Engine:
         """Generate a reply to chat `messages` (a plain string is one user message), or to ready
         `prompt_token_ids` with `images`. With a `draft` engine (a smaller model with the same tokenizer) and
         speculative=k, the draft proposes up to k tokens at a time and this engine checks them in one forward
-        (runtime/speculative.py; greedy only): the same tokens, in fewer of this model's forwards."""
+        (runtime/speculative.py): the same output (greedy: the same tokens; sampled: the same distribution), in
+        fewer of this model's forwards."""
         if draft is not None or speculative:
             try:
                 asyncio.get_running_loop()

@@ -154,8 +154,28 @@ def sample(logits: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
     greedy = logits.argmax(dim=-1)
     if rows.greedy:
         return greedy
+    values, ids = _filtered(logits, rows)
+    token_ids = ids if ids is not None else torch.arange(logits.shape[-1], device=logits.device).expand_as(values)
+    choice = (values + gumbel_noise(rows.key, rows.step, token_ids)).argmax(dim=-1)
+    drawn = choice if ids is None else ids.gather(-1, choice[:, None]).squeeze(-1)
+    return torch.where(rows.temperature == 0, greedy, drawn)
+
+
+def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution `sample` draws from, for resolved sampled params: logits [n, vocab] -> probabilities
+    [n, vocab] float64 (0 outside the top-k / top-p filters)."""
+    n, vocab = logits.shape
+    values, ids = _filtered(logits.float(), SamplingRows.of([params] * n, [0] * n, [0] * n, vocab, logits.device))
+    probs = values.double().softmax(dim=-1)
+    return probs if ids is None else torch.zeros(n, vocab, dtype=torch.float64, device=logits.device).scatter_(
+        1, ids, probs)
+
+
+def _filtered(logits: torch.Tensor, rows: SamplingRows) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The temperature-scaled logits with -inf outside each row's top-k and top-p, over the candidate columns
+    `ids` [B, candidates] (None: every column, in order)."""
     vocab = logits.shape[-1]
-    scaled = logits / rows.temperature.clamp_min(GREEDY_BELOW)[:, None]  # greedy rows are replaced below
+    scaled = logits / rows.temperature.clamp_min(GREEDY_BELOW)[:, None]  # greedy rows are replaced by the caller
     ids = None
     if rows.candidates < vocab:
         values, ids = scaled.topk(rows.candidates, dim=-1)  # sorted, most likely first
@@ -169,10 +189,7 @@ def sample(logits: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
         probs = values.softmax(dim=-1)
         beyond = (probs.cumsum(dim=-1) - probs >= rows.top_p[:, None]) & (rows.top_p < 1)[:, None]
         values = values.masked_fill(beyond, float("-inf"))  # past the smallest prefix that reaches top_p
-    token_ids = ids if ids is not None else torch.arange(vocab, device=logits.device).expand_as(values)
-    choice = (values + gumbel_noise(rows.key, rows.step, token_ids)).argmax(dim=-1)
-    drawn = choice if ids is None else ids.gather(-1, choice[:, None]).squeeze(-1)
-    return torch.where(rows.temperature == 0, greedy, drawn)
+    return values, ids
 
 
 # ---- counter-based noise -----------------------------------------------------------------------------------------

@@ -333,8 +333,6 @@ def _budget(budget, policy: str, body: api.ChatRequest):
     changes = {"ignore_eos": body.ignore_eos or budget.ignore_eos}
     if body.temperature is not None:
         changes["temperature"] = body.temperature
-        if body.temperature != 0:
-            changes["speculative"] = 0  # speculation is greedy only: a sampled request runs without a draft
     cap = api.max_tokens(body)
     if cap is not None:
         name = "reason_tokens" if LIVE_ROLE[policy] == "reason" else "short_tokens"

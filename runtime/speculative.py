@@ -3,8 +3,10 @@ positions over its paged cache and keeps the longest prefix it agrees with, plus
 
 Both engines keep their sequence between rounds (`keep_sequence`); each round forks it, and the rejected tokens
 are cut off again (`Sequence.truncate`), so a round costs the draft k steps and the target one forward. Each runs
-in its own engine's loop, batched with whatever else that engine serves. Greedy only, so far: the output is the
-target's own greedy output, token for token (up to the rounding that may differ between prefill and decode).
+in its own engine's loop, batched with whatever else that engine serves. Greedy, the output is the target's own
+greedy output, token for token (up to the rounding that may differ between prefill and decode). Sampled, the
+draft draws each token from its filtered distribution q (one prefill per token, its logits kept) and the
+standard rejection rule (`accept_drafts`) keeps the output distributed as the target's own sampling.
 
 k adapts within [1, k_max]: after a round whose drafts were all kept it grows by one, after one that kept fewer
 than half it shrinks by one.
@@ -13,6 +15,7 @@ than half it shrinks by one.
 from __future__ import annotations
 
 import dataclasses
+import random
 import time
 
 import torch
@@ -21,21 +24,21 @@ from tandem.models.errors import InputError
 from tandem.models.prompt import Prompt
 from tandem.runtime.kv_cache import Sequence
 from tandem.runtime.request import GenerateOutput, RequestHandle
-from tandem.runtime.sampling import SamplingParams
+from tandem.runtime.sampling import SamplingParams, filtered_probs
 
 
 async def speculate(target, draft, target_prompt: Prompt, draft_prompt: Prompt, params: SamplingParams, k_max: int,
                     target_parent: Sequence | None = None, draft_parent: Sequence | None = None) -> GenerateOutput:
-    """The `target` engine's greedy generation for `target_prompt` (after `target_parent`), drafted by the `draft`
-    engine from `draft_prompt` (the same tokens at the draft's positions, after `draft_parent`). `params`: the
-    target's, resolved. Every sequence it takes goes back when it ends, however it ends."""
-    if params.temperature != 0:
-        raise InputError("speculative decoding is greedy only so far: give temperature 0")
+    """The `target` engine's generation for `target_prompt` (after `target_parent`), drafted by the `draft` engine
+    from `draft_prompt` (the same tokens at the draft's positions, after `draft_parent`). `params`: the target's,
+    resolved. Every sequence it takes goes back when it ends, however it ends."""
     if params.stop:
         raise InputError("stop strings are not supported with speculative decoding yet: give stop_token_ids")
     if isinstance(k_max, bool) or not isinstance(k_max, int) or k_max < 1:
         raise InputError(f"speculative must be a positive number of draft tokens, got {k_max!r}")
     stop_ids = target.stop_ids(params)
+    sampled = params.temperature > 0
+    rng = torch.Generator().manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
     held: list[Sequence] = []  # the sequences handed over to this generation
     flying: list[RequestHandle] = []  # its requests not yet handed over: discarded if it ends first
     try:
@@ -51,19 +54,26 @@ async def speculate(target, draft, target_prompt: Prompt, draft_prompt: Prompt, 
         size = k_max
         while tokens[-1] not in stop_ids and len(tokens) < params.max_tokens:
             k = min(size, params.max_tokens - len(tokens) - 1)  # the target adds one token of its own
-            drafts: list[int] = []
-            if k > 0:
+            drafts, q, before_d = [], [], seq_d.length
+            if k > 0 and sampled:
+                drafts, q, seq_d = await _draw_drafts(draft, seq_d, draft_prompt, pending, k, params, rng, flying,
+                                                      held)
+            elif k > 0:
                 flying.append(draft.submit_stage(seq_d, _after(seq_d, draft_prompt, pending), _greedy(draft, k),
                                                  keep_sequence=True))
                 out = await _take(flying[-1], flying, held)
-                drafts, before_d, seq_d = out.token_ids, seq_d.length, _swap(held, seq_d, out.seq)
+                drafts, seq_d = out.token_ids, _swap(held, seq_d, out.seq)
             flying.append(target.submit_verify(seq_t, _after(seq_t, target_prompt, [tokens[-1], *drafts])))
             verified = await _take(flying[-1], flying, held)
-            best = verified.logits.argmax(dim=-1).tolist()  # the target's token after each of t, d1, ..., dk
-            accepted = next((i for i, (d, b) in enumerate(zip(drafts, best)) if d != b), len(drafts))
+            if sampled:
+                accepted, last = accept_drafts(drafts, q, filtered_probs(verified.logits.cpu(), params), rng)
+            else:
+                best = verified.logits.argmax(dim=-1).tolist()  # the target's token after each of t, d1, ..., dk
+                accepted = next((i for i, (d, b) in enumerate(zip(drafts, best)) if d != b), len(drafts))
+                last = best[accepted]
             verified.seq.truncate(seq_t.length + 1 + accepted)  # t and the drafts it kept
             seq_t = _swap(held, seq_t, verified.seq)
-            new = [*drafts[:accepted], best[accepted]]
+            new = [*drafts[:accepted], last]
             if drafts:  # the draft fed pending and d1 .. d(k-1): it keeps those the target kept
                 kept = min(accepted, len(drafts) - 1)
                 seq_d.truncate(before_d + len(pending) + kept)
@@ -96,6 +106,37 @@ async def _take(handle: RequestHandle, flying: list[RequestHandle], held: list[S
     flying.remove(handle)
     held.append(out.seq)
     return out
+
+
+async def _draw_drafts(draft, seq: Sequence, prompt: Prompt, pending: list[int], k: int, params: SamplingParams,
+                       rng: torch.Generator, flying: list[RequestHandle], held: list[Sequence]):
+    """k tokens drawn one at a time from the draft's filtered distribution, each from a prefill of the token before
+    it (the first: of `pending`) with its logits kept -> (drafts, their distributions q, the draft's sequence, which
+    then holds pending and every draft but the last, like a decode's)."""
+    drafts, q, feed = [], [], pending
+    for _ in range(k):
+        flying.append(draft.submit_verify(seq, _after(seq, prompt, feed)))
+        out = await _take(flying[-1], flying, held)
+        seq = _swap(held, seq, out.seq)
+        probs = filtered_probs(out.logits[-1:].cpu(), params)[0]
+        drafts.append(int(torch.multinomial(probs, 1, generator=rng)))
+        q.append(probs)
+        feed = drafts[-1:]
+    return drafts, q, seq
+
+
+def accept_drafts(drafts: list[int], q: list[torch.Tensor], p: torch.Tensor, rng: torch.Generator) -> tuple[int, int]:
+    """The rejection rule of speculative sampling (Leviathan et al. 2023; Chen et al. 2023): draft d_i, drawn from
+    q_i, is kept with probability min(1, p_i(d_i) / q_i(d_i)); at the first refused, the token is drawn from
+    max(0, p_i - q_i) normalized; when all are kept, one more from p_k. Every token then follows the target's p.
+    -> (drafts kept, the token after them). p: [len(drafts) + 1, vocab] float64."""
+    for i, d in enumerate(drafts):
+        if torch.rand((), dtype=torch.float64, generator=rng) * q[i][d] < p[i][d]:
+            continue
+        residual = (p[i] - q[i]).clamp_min(0)
+        total = residual.sum()
+        return i, int(torch.multinomial(residual / total if total > 0 else p[i], 1, generator=rng))
+    return len(drafts), int(torch.multinomial(p[len(drafts)], 1, generator=rng))
 
 
 def _greedy(draft, n: int) -> SamplingParams:

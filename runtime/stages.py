@@ -39,7 +39,7 @@ class Prompts:
 class Budget:
     """Output tokens per stage kind, and the sampling every stage uses (greedy by default, for reproducibility).
     ignore_eos forces every stage to its full length (latency studies). speculative=k: the large model's answer
-    and reasoning stages are drafted by the small model, up to k tokens at a time (greedy only; 0: off)."""
+    and reasoning stages are drafted by the small model, up to k tokens at a time (0: off)."""
 
     short_tokens: int = 16
     reason_tokens: int = 512
@@ -61,8 +61,6 @@ class Budget:
         k = self.speculative
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
             raise InputError(f"Budget.speculative must be a number of draft tokens >= 0, got {k!r}")
-        if k and t != 0:
-            raise InputError("Budget.speculative is greedy only so far: give temperature 0")
 
 
 @dataclass

@@ -36,8 +36,9 @@ CALLER_CODE = [_Engine.generate, _Engine.generate_batch, _Engine.stream, _Engine
 PAIR_CODE = [Tandem.answer, Tandem.answer_async, Tandem._run_policy, Tandem._stage, Tandem._prefix,
              Tandem._build_prefix, Tandem._release, Tandem._transfer, Tandem._reason, Tandem._short, pipeline._all,
              RequestHandle.handover_async, RequestHandle.result_async, RequestHandle.stream_async]
-SPECULATIVE_CODE = [speculative.speculate, speculative._take, speculative._after, speculative._swap, _Engine._speculate,
-                    _Engine.generate_async, RequestHandle.discard_async, RequestHandle.result_async]
+SPECULATIVE_CODE = [speculative.speculate, speculative._take, speculative._draw_drafts, speculative.accept_drafts,
+                    speculative._after, speculative._swap, _Engine._speculate, _Engine.generate_async,
+                    RequestHandle.discard_async, RequestHandle.result_async]
 
 
 class Interrupter:
@@ -173,14 +174,18 @@ def test_ctrl_c_anywhere_in_a_pair_request_leaves_nothing_behind(tiny_2b):
 
 
 @pytest.mark.filterwarnings("ignore:coroutine .* was never awaited")  # Ctrl-C on the call to asyncio.run itself
-def test_ctrl_c_anywhere_in_a_speculative_generation_leaves_nothing_behind(tiny_2b, tiny_8b):
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
+def test_ctrl_c_anywhere_in_a_speculative_generation_leaves_nothing_behind(tiny_2b, tiny_8b, temperature):
     """Speculative decoding (two engines' kept sequences, forks, truncations), interrupted at every line of its
     flow: every sequence goes back, every request is aborted, and the next generation is unchanged."""
     large = Engine.from_pretrained(tiny_8b, device="cpu", dtype="float32", kv_cache_tokens=1024, page_size=4)
     small = Engine.from_pretrained(tiny_2b, device="cpu", dtype="float32", kv_cache_tokens=1024, page_size=4)
     messages = [{"role": "user", "content": "Count to three."}]
-    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-    expected = large.generate(messages, params).token_ids
+    params = SamplingParams(max_tokens=4, temperature=temperature, seed=5, ignore_eos=True)
+    if temperature:
+        expected = large.generate(messages, params, draft=small, speculative=2).token_ids  # seeded: reproducible
+    else:
+        expected = large.generate(messages, params).token_ids
 
     def check(full: bool) -> None:
         for e in (large, small):

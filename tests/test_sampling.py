@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tandem.models.errors import InputError
-from tandem.runtime.sampling import SamplingParams, SamplingRows, checkpoint_defaults, gumbel_noise, sample, seed_key
+from tandem.runtime.sampling import (SamplingParams, SamplingRows, checkpoint_defaults, filtered_probs, gumbel_noise,
+                                     sample, seed_key)
 
 
 def reference_support(logits: list[float], top_k: int, top_p: float) -> set[int]:
@@ -61,6 +62,19 @@ def test_draws_follow_the_filtered_softmax(temperature, top_k, top_p):
     dof = torch.tensor(len(support) - 1, dtype=torch.float64)
     p_value = torch.special.gammaincc(dof / 2, statistic / 2).item()  # the chi-square survival function
     assert len(support) > 3 and p_value > 1e-3, (len(support), statistic.item(), p_value)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 0.8), (1.3, 8, 1.0), (1.0, 12, 0.7)])
+def test_filtered_probs_are_the_softmax_over_the_reference_support(temperature, top_k, top_p):
+    """The distribution speculative sampling reasons with is the one `sample` draws from."""
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(5)) * 1.5
+    probs = filtered_probs(logits, SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p))
+    for row in range(2):
+        scaled = logits[row].double() / temperature
+        support = sorted(reference_support(scaled.tolist(), top_k, top_p))
+        expected = torch.zeros(50, dtype=torch.float64)
+        expected[support] = scaled[support].softmax(dim=0)
+        torch.testing.assert_close(probs[row], expected, atol=1e-6, rtol=1e-5)
 
 
 def test_a_row_draws_the_same_alone_or_in_any_batch():

@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 
 from tandem.models.errors import InputError
 from tandem.runtime import Budget, Engine, SamplingParams, Tandem
 from tandem.runtime.kv_cache import PagePool, Sequence
+from tandem.runtime.speculative import accept_drafts
 
 from conftest import random_image, wait_for
 
@@ -105,8 +107,9 @@ def test_a_cancelled_speculative_generation_gives_every_page_back(large, small, 
 
 
 def test_bad_speculative_requests_are_refused(large, small, messages):
-    with pytest.raises(InputError, match="greedy only"):
-        large.generate(messages, SamplingParams(max_tokens=8, temperature=0.7), draft=small, speculative=2)
+    with pytest.raises(InputError, match="stop strings are not supported"):
+        large.generate(messages, SamplingParams(max_tokens=8, temperature=0.0, stop=("x",)), draft=small,
+                       speculative=2)
     with pytest.raises(InputError, match="another Engine as draft and speculative=k > 0"):
         large.generate(messages, GREEDY, draft=small, speculative=0)
     with pytest.raises(InputError, match="positive number of draft tokens"):
@@ -148,8 +151,75 @@ def test_the_pairs_large_stages_drafted_by_the_small_model_are_unchanged(large, 
     assert no_pages(large, small)
 
 
-def test_a_speculative_budget_is_greedy():
-    with pytest.raises(InputError, match="Budget.speculative is greedy only"):
-        Budget(speculative=2, temperature=0.5)
+def test_a_speculative_budget_counts_draft_tokens():
     with pytest.raises(InputError, match="Budget.speculative must be a number of draft tokens >= 0"):
         Budget(speculative=-1)
+
+
+def chi_square_p(counts: torch.Tensor, expected: torch.Tensor) -> float:
+    """The p-value of a chi-square goodness-of-fit test over the cells where `expected` > 0."""
+    cells = expected > 0
+    statistic = ((counts[cells] - expected[cells]) ** 2 / expected[cells]).sum()
+    dof = torch.tensor(int(cells.sum()) - 1, dtype=torch.float64)
+    return torch.special.gammaincc(dof / 2, statistic / 2).item()
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_the_rejection_rule_leaves_every_token_distributed_as_the_target(k):
+    """Drafts drawn from q, kept or redrawn by the rule: each output position must follow the target's p (here
+    the same p at every position), checked by chi-square with fixed seeds, whatever q is (a disagreeing draft, one
+    whose support misses tokens p has)."""
+    g = torch.Generator().manual_seed(7)
+    vocab, trials = 9, 20_000
+    p = torch.rand(vocab, generator=g, dtype=torch.float64) ** 2
+    p /= p.sum()
+    q = torch.rand(vocab, generator=g, dtype=torch.float64)
+    q[[0, 4]] = 0  # tokens the draft never proposes
+    q /= q.sum()
+    rng = torch.Generator().manual_seed(11)
+    firsts, seconds = torch.zeros(vocab, dtype=torch.float64), torch.zeros(vocab, dtype=torch.float64)
+    for _ in range(trials):
+        drafts = torch.multinomial(q, k, replacement=True, generator=rng).tolist()
+        kept, last = accept_drafts(drafts, [q] * k, p.expand(k + 1, -1), rng)
+        out = [*drafts[:kept], last]
+        firsts[out[0]] += 1
+        if len(out) > 1:
+            seconds[out[1]] += 1
+    assert chi_square_p(firsts, p * trials) > 1e-3
+    if k > 1:
+        assert chi_square_p(seconds, p * seconds.sum()) > 1e-3
+    assert firsts[0] > 0 and firsts[4] > 0  # tokens only the target proposes come out too
+
+
+def two_sample_p(a: list[int], b: list[int]) -> float:
+    """The p-value of a chi-square test that two samples of tokens come from one distribution (a 2 x cells
+    contingency table; cells expected below 5 pooled into one)."""
+    tokens = sorted(set(a) | set(b))
+    counts = torch.tensor([[x.count(t) for t in tokens] for x in (a, b)], dtype=torch.float64)
+    rare = counts.sum(0) < 10
+    counts = torch.cat([counts[:, ~rare], counts[:, rare].sum(1, keepdim=True)], dim=1)
+    counts = counts[:, counts.sum(0) > 0]
+    expected = counts.sum(1, keepdim=True) * counts.sum(0, keepdim=True) / counts.sum()
+    statistic = ((counts - expected) ** 2 / expected).sum()
+    dof = torch.tensor(counts.shape[1] - 1, dtype=torch.float64)
+    return torch.special.gammaincc(dof / 2, statistic / 2).item()
+
+
+def test_sampled_speculation_follows_the_targets_own_sampling(large, small):
+    """200 seeded 3-token replies (temperature 8 and top-k 3 so that several tokens are likely; the draft, a
+    random model, proposes other tokens than the target's) against 200 of the target's own: each position's
+    tokens pass a two-sample chi-square test. The first token is the target's own draw in both."""
+    text = [{"role": "user", "content": "Say something."}]
+    params = [SamplingParams(max_tokens=3, temperature=8.0, top_k=3, seed=s, ignore_eos=True) for s in range(200)]
+
+    async def run(**speculation):
+        outs = await asyncio.gather(*(large.generate_async(text, p, **speculation) for p in params))
+        return [o.token_ids for o in outs], outs
+
+    own, _ = asyncio.run(run())
+    drafted, outs = asyncio.run(run(draft=small, speculative=1))
+    assert sum(o.timings.drafted for o in outs) > 0 and all(len(t) == 3 for t in drafted)
+    assert sum(o.timings.accepted for o in outs) < sum(o.timings.drafted for o in outs)  # drafts were refused
+    for position in (1, 2):
+        assert two_sample_p([t[position] for t in own], [t[position] for t in drafted]) > 1e-3
+    assert no_pages(large, small)
