@@ -173,14 +173,15 @@ class Engine:
         return await handle.result_async()
 
     async def _speculate(self, messages, sampling, prompt_token_ids, images, draft, speculative) -> GenerateOutput:
-        from tandem.runtime.speculative import speculate
+        from tandem.runtime.speculative import check, speculate
 
         if not isinstance(draft, Engine) or not speculative:
             raise InputError("speculative decoding takes another Engine as draft and speculative=k > 0 draft tokens")
         self.tokenizer.check_same(draft.tokenizer, "the draft's tokens are checked as token ids")
         params = self.resolve(sampling)
-        prompt = self.prepare(messages, prompt_token_ids, images, max_tokens=params.max_tokens + speculative)
-        draft_prompt = draft.prepare(messages, prompt_token_ids, images, max_tokens=params.max_tokens + speculative)
+        check(self, draft, params, speculative)  # before the images are decoded
+        prompt = self.prepare(messages, prompt_token_ids, images, max_tokens=params.max_tokens)
+        draft_prompt = draft.prepare(messages, prompt_token_ids, images, max_tokens=params.max_tokens)
         return await speculate(self, draft, prompt, draft_prompt, params, speculative)
 
     def stream_async(self, messages: Messages | None = None, sampling: SamplingParams | None = None, *,
@@ -219,7 +220,8 @@ class Engine:
         attention each output token received from the later steps (summed over heads and layers). With
         keep_sequence, the result's seq hands the sequence over (every fed token in it; the last token drawn is
         not fed): give it back with `release`."""
-        return self._submit(prompt, params, parent=parent, key_mass=key_mass, ready=ready, keep_sequence=keep_sequence)
+        return self._submit(prompt, params, parent=parent, key_mass=key_mass, ready=ready,
+                            keep_sequence=keep_sequence)
 
     def submit_verify(self, parent: Sequence, prompt: Prompt) -> RequestHandle:
         """Prefill `prompt` after `parent`, keeping the logits of every one of its positions: a speculation's check

@@ -32,10 +32,7 @@ async def speculate(target, draft, target_prompt: Prompt, draft_prompt: Prompt, 
     """The `target` engine's generation for `target_prompt` (after `target_parent`), drafted by the `draft` engine
     from `draft_prompt` (the same tokens at the draft's positions, after `draft_parent`). `params`: the target's,
     resolved. Every sequence it takes goes back when it ends, however it ends."""
-    if params.stop:
-        raise InputError("stop strings are not supported with speculative decoding yet: give stop_token_ids")
-    if isinstance(k_max, bool) or not isinstance(k_max, int) or k_max < 1:
-        raise InputError(f"speculative must be a positive number of draft tokens, got {k_max!r}")
+    check(target, draft, params, k_max)
     stop_ids = target.stop_ids(params)
     sampled = params.temperature > 0
     rng = torch.Generator().manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
@@ -43,9 +40,9 @@ async def speculate(target, draft, target_prompt: Prompt, draft_prompt: Prompt, 
     flying: list[RequestHandle] = []  # its requests not yet handed over: discarded if it ends first
     try:
         # Both prefill the prompt; the target's first token is the first output token, the draft's is not used.
-        flying += [target.submit_stage(target_parent, target_prompt, dataclasses.replace(params, max_tokens=1),
-                                       keep_sequence=True),
-                   draft.submit_stage(draft_parent, draft_prompt, _greedy(draft, 1), keep_sequence=True)]
+        flying.append(target.submit_stage(target_parent, target_prompt, dataclasses.replace(params, max_tokens=1),
+                                          keep_sequence=True))
+        flying.append(draft.submit_stage(draft_parent, draft_prompt, _greedy(draft, 1), keep_sequence=True))
         start, primed = await _take(flying[0], flying, held), await _take(flying[-1], flying, held)
         first_at = time.perf_counter()
         seq_d = primed.seq
@@ -66,7 +63,7 @@ async def speculate(target, draft, target_prompt: Prompt, draft_prompt: Prompt, 
             flying.append(target.submit_verify(seq_t, _after(seq_t, target_prompt, [tokens[-1], *drafts])))
             verified = await _take(flying[-1], flying, held)
             if sampled:
-                accepted, last = accept_drafts(drafts, q, filtered_probs(verified.logits.cpu(), params), rng)
+                accepted, last = accept_drafts(drafts, q, filtered_probs(verified.logits, params), rng)
             else:
                 best = verified.logits.argmax(dim=-1).tolist()  # the target's token after each of t, d1, ..., dk
                 accepted = next((i for i, (d, b) in enumerate(zip(drafts, best)) if d != b), len(drafts))
@@ -100,11 +97,24 @@ async def speculate(target, draft, target_prompt: Prompt, draft_prompt: Prompt, 
     return GenerateOutput(text, tokens, "stop" if stopped else "length", timings)
 
 
+def check(target, draft, params: SamplingParams, k_max) -> None:
+    """Refuse, before any work, what speculation cannot do."""
+    if isinstance(k_max, bool) or not isinstance(k_max, int) or k_max < 1:
+        raise InputError(f"speculative must be a positive number of draft tokens, got {k_max!r}")
+    if params.stop:
+        raise InputError("stop strings are not supported with speculative decoding yet: give stop_token_ids")
+    widths = target.model.config.text.vocab_size, draft.model.config.text.vocab_size
+    if widths[0] != widths[1]:
+        raise InputError(f"the draft's vocabulary ({widths[1]} logits) differs from the target's ({widths[0]})")
+
+
 async def _take(handle: RequestHandle, flying: list[RequestHandle], held: list[Sequence]):
     """The outcome of a request in `flying`; its sequence, handed over, moves to `held` at once."""
     out = await handle.result_async()
-    flying.remove(handle)
     held.append(out.seq)
+    flying.remove(handle)
+    if getattr(out, "ready", None) is not None:  # CUDA: the logits are written on the engine's stream
+        out.ready.synchronize()
     return out
 
 
@@ -118,8 +128,8 @@ async def _draw_drafts(draft, seq: Sequence, prompt: Prompt, pending: list[int],
         flying.append(draft.submit_verify(seq, _after(seq, prompt, feed)))
         out = await _take(flying[-1], flying, held)
         seq = _swap(held, seq, out.seq)
-        probs = filtered_probs(out.logits[-1:].cpu(), params)[0]
-        drafts.append(int(torch.multinomial(probs, 1, generator=rng)))
+        probs = filtered_probs(out.logits[-1:], params)[0]
+        drafts.append(int(torch.multinomial(probs.cpu(), 1, generator=rng)))
         q.append(probs)
         feed = drafts[-1:]
     return drafts, q, seq
@@ -131,12 +141,13 @@ def accept_drafts(drafts: list[int], q: list[torch.Tensor], p: torch.Tensor, rng
     max(0, p_i - q_i) normalized; when all are kept, one more from p_k. Every token then follows the target's p.
     -> (drafts kept, the token after them). p: [len(drafts) + 1, vocab] float64."""
     for i, d in enumerate(drafts):
-        if torch.rand((), dtype=torch.float64, generator=rng) * q[i][d] < p[i][d]:
+        if torch.rand((), dtype=torch.float64, generator=rng) * q[i][d].item() < p[i][d].item():
             continue
-        residual = (p[i] - q[i]).clamp_min(0)
+        residual = (p[i] - q[i].to(p.device)).clamp_min(0)
         total = residual.sum()
-        return i, int(torch.multinomial(residual / total if total > 0 else p[i], 1, generator=rng))
-    return len(drafts), int(torch.multinomial(p[len(drafts)], 1, generator=rng))
+        row = residual / total if total > 0 else p[i]
+        return i, int(torch.multinomial(row.cpu(), 1, generator=rng))  # the request's generator lives on the CPU
+    return len(drafts), int(torch.multinomial(p[len(drafts)].cpu(), 1, generator=rng))
 
 
 def _greedy(draft, n: int) -> SamplingParams:

@@ -5,9 +5,11 @@ per target forward); speculating and plain requests share the engines; nothing i
 from __future__ import annotations
 
 import asyncio
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from tandem.models.errors import InputError
 from tandem.runtime import Budget, Engine, SamplingParams, Tandem
@@ -27,6 +29,19 @@ def large(tiny_8b) -> Engine:
 @pytest.fixture(scope="module")
 def small(tiny_2b) -> Engine:
     return Engine.from_pretrained(tiny_2b, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def near(tiny_8b, tmp_path_factory) -> Engine:
+    """The large checkpoint with noise in its last layer's MLP: a draft that agrees with it often, not always."""
+    folder = tmp_path_factory.mktemp("near-8b")
+    shutil.copytree(tiny_8b, folder, dirs_exist_ok=True)
+    weights = load_file(folder / "model.safetensors")
+    name = "model.language_model.layers.3.mlp.down_proj.weight"
+    noise = torch.randn(weights[name].shape, generator=torch.Generator().manual_seed(0))
+    weights[name] = weights[name] + 0.3 * weights[name].std() * noise
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return Engine.from_pretrained(folder, device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +67,16 @@ def test_a_disagreeing_draft_changes_no_token(large, small, messages, reference,
     assert t.verify_forwards >= 1 and 0 <= t.accepted <= t.drafted
     assert t.verify_forwards + t.accepted == len(reference) - 1  # each forward: its kept drafts and one token more
     assert no_pages(large, small)
+
+
+@pytest.mark.parametrize("k", [3, 8])
+def test_a_draft_that_agrees_now_and_then_changes_no_token(large, near, messages, reference, k):
+    """Some drafts kept, some refused: the rounds that keep a part, and k growing and shrinking, run."""
+    out = large.generate(messages, GREEDY, draft=near, speculative=k)
+    assert out.token_ids == reference
+    t = out.timings
+    assert 0 < t.accepted < t.drafted and t.verify_forwards + t.accepted == len(reference) - 1
+    assert no_pages(large, near)
 
 
 @pytest.mark.parametrize("k", [1, 3, 8])
@@ -205,21 +230,24 @@ def two_sample_p(a: list[int], b: list[int]) -> float:
     return torch.special.gammaincc(dof / 2, statistic / 2).item()
 
 
-def test_sampled_speculation_follows_the_targets_own_sampling(large, small):
-    """200 seeded 3-token replies (temperature 8 and top-k 3 so that several tokens are likely; the draft, a
-    random model, proposes other tokens than the target's) against 200 of the target's own: each position's
-    tokens pass a two-sample chi-square test. The first token is the target's own draw in both."""
+@pytest.mark.parametrize("draft", ["small", "near"])
+def test_sampled_speculation_follows_the_targets_own_sampling(large, small, near, draft):
+    """200 seeded 4-token replies (temperature 8 and top-k 3 so that several tokens are likely), drafted 2 at a
+    time by a random model (drafts mostly refused) or by a near copy of the target (drafts often kept), against 200
+    of the target's own: each position's tokens pass a two-sample chi-square test. The first token is the
+    target's own draw in both."""
     text = [{"role": "user", "content": "Say something."}]
-    params = [SamplingParams(max_tokens=3, temperature=8.0, top_k=3, seed=s, ignore_eos=True) for s in range(200)]
+    params = [SamplingParams(max_tokens=4, temperature=8.0, top_k=3, seed=s, ignore_eos=True) for s in range(200)]
 
     async def run(**speculation):
         outs = await asyncio.gather(*(large.generate_async(text, p, **speculation) for p in params))
         return [o.token_ids for o in outs], outs
 
     own, _ = asyncio.run(run())
-    drafted, outs = asyncio.run(run(draft=small, speculative=1))
-    assert sum(o.timings.drafted for o in outs) > 0 and all(len(t) == 3 for t in drafted)
-    assert sum(o.timings.accepted for o in outs) < sum(o.timings.drafted for o in outs)  # drafts were refused
-    for position in (1, 2):
+    drafted, outs = asyncio.run(run(draft=small if draft == "small" else near, speculative=2))
+    assert all(len(t) == 4 for t in drafted)
+    kept, proposed = sum(o.timings.accepted for o in outs), sum(o.timings.drafted for o in outs)
+    assert kept < proposed and (kept > 0 or draft == "small")  # refused drafts; and kept ones from the near copy
+    for position in (1, 2, 3):
         assert two_sample_p([t[position] for t in own], [t[position] for t in drafted]) > 1e-3
-    assert no_pages(large, small)
+    assert no_pages(large, small, near)
