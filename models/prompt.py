@@ -39,6 +39,13 @@ class Prompt:
     def __len__(self) -> int:
         return len(self.token_ids)
 
+    @classmethod
+    def continuing(cls, token_ids: list[int] | torch.Tensor, length: int, rope_delta: int) -> "Prompt":
+        """Text ids that continue a sequence of `length` tokens (whose prompt had `rope_delta`): positions go on
+        from its end, as a decode step's would."""
+        start = length + rope_delta
+        return cls(token_ids, [], [], [], torch.arange(start, start + len(token_ids)).expand(3, -1), rope_delta)
+
 
 class PromptBuilder:
     def __init__(self, tokenizer: Tokenizer, image_config: ImageProcessorConfig, image_token_id: int, vocab_size: int):

@@ -221,14 +221,12 @@ class Tandem:
                                                ignore_eos=request.budget.ignore_eos))
         drafted = self._speculates(request, model) and positions is None and not key_mass
         if positions is None:
-            start = prefix.seq.length + prefix.rope_delta
-            positions = torch.arange(start, start + len(suffix)).expand(3, -1)
-        prompt = Prompt(suffix, [], [], [], positions, prefix.rope_delta)
+            prompt = Prompt.continuing(suffix, prefix.seq.length, prefix.rope_delta)
+        else:
+            prompt = Prompt(suffix, [], [], [], positions, prefix.rope_delta)
         if drafted:  # the small model drafts (its own prefix, the same suffix ids at its positions)
             draft = await self._prefix(request, "small")
-            start = draft.seq.length + draft.rope_delta
-            draft_prompt = Prompt(suffix, [], [], [], torch.arange(start, start + len(suffix)).expand(3, -1),
-                                  draft.rope_delta)
+            draft_prompt = Prompt.continuing(suffix, draft.seq.length, draft.rope_delta)
             out = await speculate(engine, self.engines["small"], prompt, draft_prompt, params,
                                   request.budget.speculative, prefix.seq, draft.seq)
             if request.on_text is not None:

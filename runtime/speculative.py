@@ -157,8 +157,7 @@ def _greedy(draft, n: int) -> SamplingParams:
 
 def _after(seq: Sequence, prompt: Prompt, ids: list[int]) -> Prompt:
     """`ids` continuing `seq` (which began with `prompt`): their positions go on from its end."""
-    start = seq.length + prompt.rope_delta
-    return Prompt(ids, [], [], [], torch.arange(start, start + len(ids)).expand(3, -1), prompt.rope_delta)
+    return Prompt.continuing(ids, seq.length, prompt.rope_delta)
 
 
 def _swap(held: list[Sequence], old: Sequence, new: Sequence) -> Sequence:
