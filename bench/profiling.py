@@ -2,7 +2,7 @@
 
 - decode: the decode steps of one greedy request at batch 1: the whole request profiled, less the same request cut
   to its first token (prefill and first sample), each run once untimed first so that kernels are compiled and
-  CUDA graphs captured outside the profile. On a GPU with CUDA graphs it runs twice: as the engine runs it (graph
+  CUDA graphs captured outside the profile, then profiled three times, the fastest kept. On a GPU with CUDA graphs it runs twice: as the engine runs it (graph
   replays) and with graphs off (every kernel launched from Python), which shows what the graphs save.
 - first token: one request with one image and a question, max_tokens=1, split into preparation on the host
   (chat template, tokenization, the image's decoding) and the engine's vision (preprocessing and encoder) and
@@ -55,12 +55,12 @@ def profile_decode(engine: Engine, prompt_ids: list[int], steps: int, graphs: bo
     replays = engine.runner.graphable()
     try:
         profiled = {}
-        # The short request three times, its fastest kept: one slow outlier subtracted from the whole would make the
-        # decode steps' wall read below their busy time.
-        for tokens, repeats in ((steps + 1, 1), (1, 3)):
+        # Each request three times, its fastest kept: one slow outlier on either side of the difference would make
+        # the decode steps' wall read off their busy time.
+        for tokens in (steps + 1, 1):
             engine.generate(prompt_token_ids=prompt_ids, sampling=forced_greedy(tokens))  # compile, capture first
             runs = []
-            for _ in range(repeats):
+            for _ in range(3):
                 before = engine.stats.decode_steps
                 with _profile(engine.device) as prof:
                     start = engine.now()

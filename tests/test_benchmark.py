@@ -30,7 +30,7 @@ IMAGE_SIZES = [224, 320]
 PROMPT_LENGTHS = [64, 160]
 BATCH_SIZES, BATCH_TOKENS = [1, 3], 5
 CONCURRENCY, CONCURRENCY_TOKENS, CONCURRENCY_REPEATS = [1, 4], 7, 3  # its own repeats: 3 against the others' 2
-PROFILE_STEPS = 5
+PROFILE_STEPS = 16
 SHORT, REASON = 3, 12  # not the defaults, so a forced length cannot be a coincidence
 ARGS = ["bench", "--quick", "--preset", "2b-like", "--pair", "8b-like,2b-like", "--device", "cpu", "--dtype", "float32",
         "--repeats", "2", "--lengths", ",".join(map(str, LENGTHS)), "--image-sizes", ",".join(map(str, IMAGE_SIZES)),
