@@ -32,13 +32,14 @@ from tandem.models.prompt import Messages, Prompt, PromptBuilder, TokenIds
 from tandem.models.tokenizer import Tokenizer
 from tandem.runtime.config import EngineConfig, default_kv_tokens, parse_device, parse_dtype
 from tandem.runtime.kv_cache import PagePool, Sequence
-from tandem.runtime.loop import Closed, Loop, free_idle_cpu_workers
+from tandem.runtime.loop import Closed, Loop, free_idle_cpu_workers, iterate
 from tandem.runtime.request import (DeviceSpan, GenerateOutput, Phase, Prefill, QueueFullError, Request,
                                     RequestAborted, RequestHandle)
 from tandem.runtime.reply_text import ReplyText
 from tandem.runtime.runner import ModelRunner, Readout
 from tandem.runtime.sampling import SamplingParams, checkpoint_defaults
 from tandem.runtime.scheduler import Scheduler
+from tandem.runtime.speculative import check_speculation, speculate
 from tandem.runtime.vision_cache import VisionCache, encode, tower_fingerprint
 
 class Engine:
@@ -141,9 +142,13 @@ class Engine:
         return self.submit(messages, sampling, prompt_token_ids=prompt_token_ids, images=images).result()
 
     def stream(self, messages: Messages | None = None, sampling: SamplingParams | None = None, *,
-               prompt_token_ids: TokenIds | None = None, images: list | None = None) -> Iterator[str]:
-        """The reply's text piece by piece as it is decoded (never half a UTF-8 character). Bad input is refused
-        at the call; closing the iterator aborts the request."""
+               prompt_token_ids: TokenIds | None = None, images: list | None = None,
+               draft: "Engine | None" = None, speculative: int = 0) -> Iterator[str]:
+        """The reply's text piece by piece as it is decoded (never half a UTF-8 character); with a draft, round by
+        round. Bad input is refused at the call; closing the iterator aborts the request."""
+        if draft is not None or speculative:  # its rounds run on an event loop in a thread of their own
+            return iterate(self.stream_async(messages, sampling, prompt_token_ids=prompt_token_ids, images=images,
+                                             draft=draft, speculative=speculative))
         return self.submit(messages, sampling, prompt_token_ids=prompt_token_ids, images=images).stream()
 
     def generate_batch(self, requests: list[Messages | Prompt],
@@ -168,26 +173,28 @@ class Engine:
                              draft: "Engine | None" = None, speculative: int = 0) -> GenerateOutput:
         """generate() for asyncio: many calls in flight share the engine's batch; cancelling the task aborts."""
         if draft is not None or speculative:
-            return await self._speculate(messages, sampling, prompt_token_ids, images, draft, speculative)
+            return await speculate(*self._drafted(messages, sampling, prompt_token_ids, images, draft, speculative))
         handle = self.submit(messages, sampling, prompt_token_ids=prompt_token_ids, images=images)
         return await handle.result_async()
 
-    async def _speculate(self, messages, sampling, prompt_token_ids, images, draft, speculative) -> GenerateOutput:
-        from tandem.runtime.speculative import check, speculate
+    def stream_async(self, messages: Messages | None = None, sampling: SamplingParams | None = None, *,
+                     prompt_token_ids: TokenIds | None = None, images: list | None = None,
+                     draft: "Engine | None" = None, speculative: int = 0) -> AsyncIterator[str]:
+        """stream() for asyncio: `async for piece in engine.stream_async(...)`."""
+        if draft is not None or speculative:
+            return _speculative_stream(self._drafted(messages, sampling, prompt_token_ids, images, draft, speculative))
+        return self.submit(messages, sampling, prompt_token_ids=prompt_token_ids, images=images).stream_async()
 
+    def _drafted(self, messages, sampling, prompt_token_ids, images, draft, speculative) -> tuple:
+        """Check and prepare a generation drafted by `draft` -> speculate's arguments."""
         if not isinstance(draft, Engine) or not speculative:
             raise InputError("speculative decoding takes another Engine as draft and speculative=k > 0 draft tokens")
         self.tokenizer.check_same(draft.tokenizer, "the draft's tokens are checked as token ids")
         params = self.resolve(sampling)
-        check(self, draft, params, speculative)  # before the images are decoded
+        check_speculation(self, draft, params, speculative)  # before the images are decoded
         prompt = self.prepare(messages, prompt_token_ids, images, max_tokens=params.max_tokens)
         draft_prompt = draft.prepare(messages, prompt_token_ids, images, max_tokens=params.max_tokens)
-        return await speculate(self, draft, prompt, draft_prompt, params, speculative)
-
-    def stream_async(self, messages: Messages | None = None, sampling: SamplingParams | None = None, *,
-                     prompt_token_ids: TokenIds | None = None, images: list | None = None) -> AsyncIterator[str]:
-        """stream() for asyncio: `async for piece in engine.stream_async(...)`."""
-        return self.submit(messages, sampling, prompt_token_ids=prompt_token_ids, images=images).stream_async()
+        return self, draft, prompt, draft_prompt, params, speculative
 
     def abort(self, request_id: int) -> None:
         """Stop a request: it leaves the batch at the next step and its pages are freed. Safe from any thread."""
@@ -449,6 +456,22 @@ class EngineStats:
     prefill_tokens: int = 0
     image_prefills: int = 0  # prompts whose images were placed (an image prefilled once counts once)
     decode_steps: int = 0
+
+
+async def _speculative_stream(drafted: tuple) -> AsyncIterator[str]:
+    """speculate(*drafted)'s text as it settles; closing the stream early stops the generation and waits until
+    its sequences are back."""
+    pieces: asyncio.Queue = asyncio.Queue()
+    task = asyncio.ensure_future(speculate(*drafted, on_text=pieces.put_nowait))
+    task.add_done_callback(lambda _: pieces.put_nowait(None))
+    try:
+        while (piece := await pieces.get()) is not None:
+            yield piece
+        task.result()  # its error, after the text that came before it
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.wait([task])
 
 
 def device_clock(device: torch.device) -> float:

@@ -17,11 +17,14 @@ import atexit
 import contextlib
 import ctypes
 import functools
+import queue
 import threading
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable, Iterator
+from typing import TypeVar
 
+T = TypeVar("T")
 IDLE_POLL_S = 0.05  # an idle loop looks at its inbox at least this often
 OMP_PAUSE_SOFT = 1  # omp_pause_resource_t: free the threads, keep the settings
 
@@ -112,6 +115,48 @@ async def off_loop(fn: Callable, *args, **kwargs):
             free_idle_cpu_workers()
 
     return await asyncio.to_thread(run)
+
+
+def iterate(source: AsyncGenerator[T, None]) -> Iterator[T]:
+    """An async iterator as a plain one, for a caller with no event loop running. It runs on an event loop in a
+    thread of its own, which signals never reach: Ctrl-C lands in the caller's wait, never half-way through the
+    iterator's own code. Closing the iterator early, or an exception in the caller, cancels it there and waits
+    until its cleanup has run."""
+    items: queue.SimpleQueue = queue.SimpleQueue()  # (item, None), then (None, the exception that ended it)
+    loop = asyncio.new_event_loop()
+
+    async def drain():
+        try:
+            async for item in source:
+                items.put((item, None))
+        finally:
+            await source.aclose()
+
+    def run():
+        try:
+            loop.run_until_complete(task)
+            items.put((None, StopIteration()))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            items.put((None, e))
+        finally:
+            loop.close()
+
+    task = loop.create_task(drain())
+    thread = threading.Thread(target=run, name="tandem-iterate", daemon=True)
+    try:
+        thread.start()
+        while True:
+            item, end = items.get()
+            if isinstance(end, StopIteration):
+                return
+            if end is not None:
+                raise end
+            yield item
+    finally:
+        if thread.is_alive():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nothing left to cancel
+                loop.call_soon_threadsafe(task.cancel)
+            thread.join()
 
 
 def free_idle_cpu_workers() -> None:

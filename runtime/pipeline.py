@@ -16,6 +16,7 @@ Every page a request took is released when it ends, whether it succeeds, fails o
 from __future__ import annotations
 
 import asyncio
+import functools
 import numbers
 import time
 from collections.abc import Callable
@@ -227,10 +228,9 @@ class Tandem:
         if drafted:  # the small model drafts (its own prefix, the same suffix ids at its positions)
             draft = await self._prefix(request, "small")
             draft_prompt = Prompt.continuing(suffix, draft.seq.length, draft.rope_delta)
+            shown = None if request.on_text is None else functools.partial(request.on_text, model, role)
             out = await speculate(engine, self.engines["small"], prompt, draft_prompt, params,
-                                  request.budget.speculative, prefix.seq, draft.seq)
-            if request.on_text is not None:
-                request.on_text(model, role, out.text)  # whole: a speculative stage does not stream yet
+                                  request.budget.speculative, prefix.seq, draft.seq, on_text=shown)
         else:
             handle = engine.submit_stage(prefix.seq, prompt, params, key_mass=key_mass, ready=ready)
             if request.on_text is not None:

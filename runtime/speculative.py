@@ -6,7 +6,8 @@ are cut off again (`Sequence.truncate`), so a round costs the draft k steps and 
 in its own engine's loop, batched with whatever else that engine serves. Greedy, the output is the target's own
 greedy output, token for token (up to the rounding that may differ between prefill and decode). Sampled, the
 draft draws each token from its filtered distribution q (one prefill per token, its logits kept) and the
-standard rejection rule (`accept_drafts`) keeps the output distributed as the target's own sampling.
+standard rejection rule (`accept_drafts`) keeps the output distributed as the target's own sampling. Stop ids
+and stop strings end the reply inside a round as they end a plain one; the text streams round by round.
 
 k adapts within [1, k_max]: after a round whose drafts were all kept it grows by one, after one that kept fewer
 than half it shrinks by one.
@@ -17,23 +18,43 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
+from collections.abc import Callable
 
 import torch
 
 from tandem.models.errors import InputError
 from tandem.models.prompt import Prompt
 from tandem.runtime.kv_cache import Sequence
+from tandem.runtime.reply_text import ReplyText
 from tandem.runtime.request import GenerateOutput, RequestHandle
 from tandem.runtime.sampling import SamplingParams, filtered_probs
 
 
 async def speculate(target, draft, target_prompt: Prompt, draft_prompt: Prompt, params: SamplingParams, k_max: int,
-                    target_parent: Sequence | None = None, draft_parent: Sequence | None = None) -> GenerateOutput:
+                    target_parent: Sequence | None = None, draft_parent: Sequence | None = None,
+                    on_text: Callable[[str], None] | None = None) -> GenerateOutput:
     """The `target` engine's generation for `target_prompt` (after `target_parent`), drafted by the `draft` engine
     from `draft_prompt` (the same tokens at the draft's positions, after `draft_parent`). `params`: the target's,
-    resolved. Every sequence it takes goes back when it ends, however it ends."""
-    check(target, draft, params, k_max)
+    resolved. on_text(piece) gets the reply's text as it settles (as a stream shows it). Every sequence it takes
+    goes back when it ends, however it ends."""
+    check_speculation(target, draft, params, k_max)
     stop_ids = target.stop_ids(params)
+    prompt_ids = target_prompt.token_ids if isinstance(target_prompt.token_ids, list) else []
+    reply = ReplyText(target.tokenizer, prompt_ids, stop_ids, params.stop)
+    tokens: list[int] = []
+
+    def keep(new: list[int]) -> bool:
+        """Append the tokens the target settled on, up to a stop id, a stop string or max_tokens; -> it ended."""
+        shown = []
+        for token in new[: params.max_tokens - len(tokens)]:
+            tokens.append(token)
+            shown.append(reply.add([token]))
+            if token in stop_ids or reply.stopped:
+                break
+        if on_text is not None and any(shown):
+            on_text("".join(shown))
+        return tokens[-1] in stop_ids or reply.stopped or len(tokens) == params.max_tokens
+
     sampled = params.temperature > 0
     rng = torch.Generator().manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
     held: list[Sequence] = []  # the sequences handed over to this generation
@@ -46,10 +67,11 @@ async def speculate(target, draft, target_prompt: Prompt, draft_prompt: Prompt, 
         start, primed = await _take(flying[0], flying, held), await _take(flying[-1], flying, held)
         first_at = time.perf_counter()
         seq_d = primed.seq
-        seq_t, tokens, timings = start.seq, list(start.token_ids), dataclasses.replace(start.timings)
+        seq_t, timings = start.seq, dataclasses.replace(start.timings)
+        ended = keep(start.token_ids)
         pending = list(tokens)  # output tokens not yet in the draft's cache (the last one not in the target's)
         size = k_max
-        while tokens[-1] not in stop_ids and len(tokens) < params.max_tokens:
+        while not ended:
             k = min(size, params.max_tokens - len(tokens) - 1)  # the target adds one token of its own
             drafts, q, before_d = [], [], seq_d.length
             if k > 0 and sampled:
@@ -77,8 +99,7 @@ async def speculate(target, draft, target_prompt: Prompt, draft_prompt: Prompt, 
                 pending = [*drafts[kept:accepted], new[-1]]
             else:
                 pending.append(new[-1])
-            stop = next((i + 1 for i, x in enumerate(new) if x in stop_ids), len(new))
-            tokens += new[:min(stop, params.max_tokens - len(tokens))]
+            ended = keep(new)
             timings.drafted += len(drafts)
             timings.accepted += accepted
             timings.verify_forwards += 1
@@ -92,17 +113,21 @@ async def speculate(target, draft, target_prompt: Prompt, draft_prompt: Prompt, 
         for seq in held:
             seq.release()
     timings.output_tokens, timings.decode_s = len(tokens), time.perf_counter() - first_at
+    tail = reply.finish()
+    if on_text is not None and tail:
+        on_text(tail)
     stopped = tokens[-1] in stop_ids
-    text = target.tokenizer.decode(tokens[:-1] if stopped else tokens)
+    if reply.stopped:  # as a plain request: the text cut before the stop string, the ids up to where it ended
+        text, stopped = reply.final, True
+    else:
+        text = target.tokenizer.decode(tokens[:-1] if stopped else tokens)
     return GenerateOutput(text, tokens, "stop" if stopped else "length", timings)
 
 
-def check(target, draft, params: SamplingParams, k_max) -> None:
+def check_speculation(target, draft, params: SamplingParams, k_max) -> None:
     """Refuse, before any work, what speculation cannot do."""
     if isinstance(k_max, bool) or not isinstance(k_max, int) or k_max < 1:
         raise InputError(f"speculative must be a positive number of draft tokens, got {k_max!r}")
-    if params.stop:
-        raise InputError("stop strings are not supported with speculative decoding yet: give stop_token_ids")
     widths = target.model.config.text.vocab_size, draft.model.config.text.vocab_size
     if widths[0] != widths[1]:
         raise InputError(f"the draft's vocabulary ({widths[1]} logits) differs from the target's ({widths[0]})")
@@ -162,6 +187,6 @@ def _after(seq: Sequence, prompt: Prompt, ids: list[int]) -> Prompt:
 
 def _swap(held: list[Sequence], old: Sequence, new: Sequence) -> Sequence:
     """`new` (a fork of `old` holding all it had) replaces `old`, which goes back."""
+    old.release()  # first: until it leaves `held`, the end releases it (again: a no-op)
     held.remove(old)
-    old.release()
     return new

@@ -18,6 +18,8 @@ import pytest
 import torch
 
 from tandem.runtime import Budget, Engine, SamplingParams, Tandem
+from tandem.runtime import engine as engine_module
+from tandem.runtime import loop as loop_module
 from tandem.runtime import pipeline, speculative
 from tandem.runtime.engine import Engine as _Engine
 from tandem.runtime.kv_cache import PagePool, Sequence, release_all
@@ -37,7 +39,8 @@ PAIR_CODE = [Tandem.answer, Tandem.answer_async, Tandem._run_policy, Tandem._sta
              Tandem._build_prefix, Tandem._release, Tandem._transfer, Tandem._reason, Tandem._short, pipeline._all,
              RequestHandle.handover_async, RequestHandle.result_async, RequestHandle.stream_async]
 SPECULATIVE_CODE = [speculative.speculate, speculative._take, speculative._draw_drafts, speculative.accept_drafts,
-                    speculative._after, speculative._swap, _Engine._speculate, _Engine.generate_async,
+                    speculative._after, speculative._swap, _Engine._drafted, _Engine.generate_async,
+                    _Engine.stream_async, engine_module._speculative_stream, loop_module.iterate,
                     RequestHandle.discard_async, RequestHandle.result_async]
 
 
@@ -174,10 +177,13 @@ def test_ctrl_c_anywhere_in_a_pair_request_leaves_nothing_behind(tiny_2b):
 
 
 @pytest.mark.filterwarnings("ignore:coroutine .* was never awaited")  # Ctrl-C on the call to asyncio.run itself
-@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
-def test_ctrl_c_anywhere_in_a_speculative_generation_leaves_nothing_behind(tiny_2b, tiny_8b, temperature):
+@pytest.mark.parametrize("temperature, streamed", [(0.0, False), (1.0, False), (0.0, True)],
+                         ids=["greedy", "sampled", "streamed"])
+def test_ctrl_c_anywhere_in_a_speculative_generation_leaves_nothing_behind(tiny_2b, tiny_8b, temperature, streamed):
     """Speculative decoding (two engines' kept sequences, forks, truncations), interrupted at every line of its
-    flow: every sequence goes back, every request is aborted, and the next generation is unchanged."""
+    flow: every sequence goes back, every request is aborted, and the next generation is unchanged. Streamed, the
+    rounds run in a thread of their own, which no signal reaches: every line of the caller's side is interrupted,
+    and the stream's close must cancel the rounds there and wait for their cleanup."""
     large = Engine.from_pretrained(tiny_8b, device="cpu", dtype="float32", kv_cache_tokens=1024, page_size=4)
     small = Engine.from_pretrained(tiny_2b, device="cpu", dtype="float32", kv_cache_tokens=1024, page_size=4)
     messages = [{"role": "user", "content": "Count to three."}]
@@ -193,5 +199,9 @@ def test_ctrl_c_anywhere_in_a_speculative_generation_leaves_nothing_behind(tiny_
         if full:
             assert large.generate(messages, params, draft=small, speculative=2).token_ids == expected
 
-    interrupt_everywhere(lambda: large.generate(messages, params, draft=small, speculative=2),
-                         SPECULATIVE_CODE + CALLER_CODE, check, every_nth_check_call=10)
+    if streamed:
+        text = large.tokenizer.decode(expected)
+        call = lambda: "".join(large.stream(messages, params, draft=small, speculative=2)) == text or 1 / 0
+    else:
+        call = lambda: large.generate(messages, params, draft=small, speculative=2)
+    interrupt_everywhere(call, SPECULATIVE_CODE + CALLER_CODE, check, every_nth_check_call=10)

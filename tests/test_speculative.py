@@ -98,6 +98,52 @@ def test_a_stop_token_ends_a_speculative_generation_where_it_ends_a_plain_one(la
     assert no_pages(large, small)
 
 
+@pytest.fixture(scope="module")
+def stop_string(large, messages):
+    """Two characters from the middle of the greedy reply's text: a stop string that ends it early."""
+    text = large.generate(messages, GREEDY).text
+    middle = len(text) // 2
+    return text[middle : middle + 2]
+
+
+@pytest.mark.parametrize("draft, k", [("small", 1), ("small", 4), ("large", 4)])
+def test_a_stop_string_ends_a_speculative_generation_where_it_ends_a_plain_one(request, large, messages, stop_string,
+                                                                               draft, k):
+    """The string may end in a round's first token or inside a run of kept drafts (the self-draft keeps them all);
+    the reply ends at the token that completes it, its text cut before it, as a plain request's."""
+    params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True, stop=(stop_string,))
+    plain = large.generate(messages, params)
+    assert plain.finish_reason == "stop" and stop_string not in plain.text and len(plain.token_ids) < 64
+    out = large.generate(messages, params, draft=request.getfixturevalue(draft), speculative=k)
+    assert (out.token_ids, out.text, out.finish_reason) == (plain.token_ids, plain.text, plain.finish_reason)
+    assert no_pages(large, request.getfixturevalue(draft))
+
+
+@pytest.mark.parametrize("stop", [(), ("stop string",)])
+def test_a_speculative_stream_shows_the_plain_text_round_by_round(large, small, messages, stop_string, stop):
+    params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True, stop=tuple(stop_string for _ in stop))
+    plain = large.generate(messages, params)
+    pieces = list(large.stream(messages, params, draft=large, speculative=3))
+    assert "".join(pieces) == plain.text and len(pieces) > 1
+
+    async def run():
+        return [piece async for piece in large.stream_async(messages, params, draft=small, speculative=3)]
+
+    assert "".join(asyncio.run(run())) == plain.text
+    assert no_pages(large, small)
+
+
+def test_closing_a_speculative_stream_early_gives_every_page_back(large, small, messages):
+    stream = large.stream(messages, GREEDY, draft=small, speculative=2)
+    assert next(stream)
+    assert large.pool.pages_in_use > 0 and small.pool.pages_in_use > 0
+    stream.close()
+    assert no_pages(large, small)
+    with pytest.raises(InputError, match="positive number of draft tokens"):  # refused at the call, not at next()
+        large.stream(messages, GREEDY, draft=small, speculative=-2)
+    assert large.generate(messages, GREEDY, draft=small, speculative=2).token_ids  # still usable
+
+
 def test_speculating_and_plain_requests_share_the_engines(large, small, messages, reference):
     text = [{"role": "user", "content": "Count from one to twenty."}]
     text_reference = large.generate(text, GREEDY).token_ids
@@ -132,9 +178,6 @@ def test_a_cancelled_speculative_generation_gives_every_page_back(large, small, 
 
 
 def test_bad_speculative_requests_are_refused(large, small, messages):
-    with pytest.raises(InputError, match="stop strings are not supported"):
-        large.generate(messages, SamplingParams(max_tokens=8, temperature=0.0, stop=("x",)), draft=small,
-                       speculative=2)
     with pytest.raises(InputError, match="another Engine as draft and speculative=k > 0"):
         large.generate(messages, GREEDY, draft=small, speculative=0)
     with pytest.raises(InputError, match="positive number of draft tokens"):
@@ -164,8 +207,12 @@ def test_the_pairs_large_stages_drafted_by_the_small_model_are_unchanged(large, 
     image, question = random_image(64, 80, seed=5), "What is in the picture?"
     plain = Tandem(large, small, budget=Budget(short_tokens=8, reason_tokens=40)).answer(image, question, policy)
     pair = Tandem(large, small, budget=Budget(short_tokens=8, reason_tokens=40, speculative=3))
-    drafted = pair.answer(image, question, policy)
+    pieces = {}
+    drafted = pair.answer(image, question, policy, on_text=lambda *p: pieces.setdefault(p[:2], []).append(p[2]))
     assert [s.output_ids for s in drafted.stages] == [s.output_ids for s in plain.stages]
+    assert {(s.model, s.role): s.text for s in drafted.stages} == {key: "".join(p) for key, p in pieces.items()}
+    if policy == "large-reason":  # 40 tokens drafted 3 at a time: the reasoning streams in several pieces
+        assert len(pieces["large", "reason"]) > 1
     assert drafted.answer == plain.answer
     for stage in drafted.stages:
         t = stage.timings
