@@ -60,6 +60,7 @@ class Engine:
         self.stats = EngineStats()
         # The device work runs in the loop's thread, fed by ("add", Request) / ("abort", request id) messages.
         self.loop = Loop(f"tandem-engine-{id(self):x}", self._step, self._loop_context, self._fail_all)
+        pool.on_free = self.loop.wake  # requests waiting for pages are admitted as soon as they come back
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._readout = Readout(self.device, lag=1 if self.device.type == "cuda" else 0)
         self._requests: dict[int, Request] = {}  # every request in the loop's hands, by id
@@ -221,19 +222,22 @@ class Engine:
         return self._submit(prompt, None, keep_sequence=True, headroom=headroom)
 
     def submit_stage(self, parent: Sequence | None, prompt: Prompt, params: SamplingParams, key_mass: bool = False,
-                     ready: torch.cuda.Event | None = None, keep_sequence: bool = False) -> RequestHandle:
+                     ready: torch.cuda.Event | None = None, keep_sequence: bool = False, room: int = 0,
+                     in_place: bool = False) -> RequestHandle:
         """Continue `parent` (a prefix; None: start afresh) with `prompt` (its token ids may be a device tensor,
         whose `ready` event the loop waits for) and decode. With key_mass, the result's key_mass holds the
         attention each output token received from the later steps (summed over heads and layers). With
         keep_sequence, the result's seq hands the sequence over (every fed token in it; the last token drawn is
-        not fed): give it back with `release`."""
+        not fed): give it back with `release`. room: cache slots reserved in it past the request's own, admitted
+        with it, for later requests in place. in_place: write into `parent` itself (handed over by an earlier
+        request; this one must be the only one using it), not into a fork."""
         return self._submit(prompt, params, parent=parent, key_mass=key_mass, ready=ready,
-                            keep_sequence=keep_sequence)
+                            keep_sequence=keep_sequence, room=room, in_place=in_place)
 
-    def submit_verify(self, parent: Sequence, prompt: Prompt) -> RequestHandle:
-        """Prefill `prompt` after `parent`, keeping the logits of every one of its positions: a speculation's check
-        of its drafts. `parent` stays as it was; the result's seq (a Prefill's) holds both, handed over."""
-        return self._submit(prompt, None, parent=parent, keep_sequence=True, prompt_logits=True)
+    def submit_verify(self, seq: Sequence, prompt: Prompt) -> RequestHandle:
+        """Prefill `prompt` into `seq` itself (in place, as submit_stage's), keeping the logits of every one of
+        its positions: a speculation's check of its drafts. The result's seq (a Prefill's) is `seq`, handed back."""
+        return self._submit(prompt, None, parent=seq, in_place=True, keep_sequence=True, prompt_logits=True)
 
     def release(self, seq: Sequence) -> None:
         """Give a prefix's pages back, now. Its forks keep the pages they share until they end, and device work
@@ -278,7 +282,8 @@ class Engine:
             request.text = ReplyText(self.tokenizer, prompt.token_ids if isinstance(prompt.token_ids, list) else [],
                                      stop_ids, params.stop)
         # Never queue what cannot fit: it would wait for ever.
-        self.scheduler.check_fits(request.total_tokens + (request.max_tokens > 0), request.parent, request.headroom)
+        self.scheduler.check_fits(request.total_tokens + (request.max_tokens > 0),
+                                  None if request.in_place else request.parent, request.headroom)
         handle = RequestHandle(request, self.tokenizer, self.abort)
         request.handle = weakref.ref(handle)
         request.timings.prompt_tokens, request.timings.image_tokens = len(prompt), prompt.image_tokens

@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import threading
 import weakref
+from collections.abc import Callable
 
 import torch
 
@@ -50,6 +51,9 @@ class PagePool:
         # released by `_reclaim`. Nothing runs at collection time, so nothing can interrupt it.
         self._holders: dict[int, tuple[weakref.ref, list[int]]] = {}
         self.lock = threading.RLock()
+        # Told when pages come back, from whichever thread: the engine's loop looks again at the requests waiting
+        # for pages (a pair's prefix or a speculation's sequence goes back from the caller's thread).
+        self.on_free: Callable[[], None] | None = None
 
     @staticmethod
     def bytes_per_token(config: TextConfig, dtype: torch.dtype) -> int:
@@ -86,10 +90,13 @@ class PagePool:
             self._refs[p] += 1
 
     def release(self, pages: list[int]) -> None:
+        free = len(self._free)
         for p in pages:
             self._refs[p] -= 1
             if self._refs[p] == 0:
                 self._free.append(p)
+        if len(self._free) > free and self.on_free is not None:
+            self.on_free()
 
     def is_shared(self, page: int) -> bool:
         return self._refs[page] > 1
@@ -148,15 +155,11 @@ class Sequence:
             self.length = parent.length
 
     def truncate(self, length: int) -> None:
-        """Forget every token from `length` on (a speculation's rejected drafts): the pages past the new end go
-        back; what stays past `length` in the last page is overwritten by the next tokens."""
+        """Forget every token from `length` on (a speculation's rejected drafts). Its pages stay, reserved for the
+        tokens that take their place, which overwrite what is there."""
         if not 0 <= length <= self.length:
             raise ValueError(f"truncate({length}) of a sequence of {self.length} tokens")
-        with self.pool.lock, uninterrupted():
-            keep = -(-length // self.pool.page_size)
-            self.pool.release(self.pages[keep:])
-            del self.pages[keep:]
-            self.length = length
+        self.length = length
 
     def release(self) -> None:
         """Give back every page (a no-op when it holds none, so a `finally` may call it whatever happened)."""

@@ -42,6 +42,7 @@ class Loop:
         self.name, self._step, self._setup, self._on_error = name, step, setup, on_error
         self._inbox: deque = deque()
         self._wake = threading.Event()
+        self._woken = False  # `wake` was called: a blocking take returns even with nothing posted
         self._thread: threading.Thread | None = None
         self._starting = threading.Lock()  # one thread, whichever caller starts it
 
@@ -60,13 +61,14 @@ class Loop:
         self._wake.set()
 
     def take(self, block: bool) -> list[tuple]:
-        """The messages posted since the last take (waiting for one if `block`), in order. Raises Closed at a
-        close message."""
+        """The messages posted since the last take (waiting, if `block`, for one or a `wake`), in order. Raises
+        Closed at a close message."""
         if block and not self._inbox:
             free_idle_cpu_workers()  # an idle loop holds no OpenMP threads: other engines' loops may be working
-        while block and not self._inbox:
+        while block and not self._inbox and not self._woken:
             self._wake.wait(IDLE_POLL_S)
             self._wake.clear()
+        self._woken = False  # a wake-up after this point is not lost: the caller's step schedules next
         messages = []
         while self._inbox:
             message = self._inbox.popleft()
@@ -74,6 +76,12 @@ class Loop:
                 raise Closed
             messages.append(message)
         return messages
+
+    def wake(self) -> None:
+        """End a blocking `take` with no message, from any thread: the step looks again at what waits (pages have
+        come back). No lock, so that it may be called under the pool's."""
+        self._woken = True
+        self._wake.set()
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the thread after its current step (on_error gets Closed for what is in flight)."""

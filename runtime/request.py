@@ -126,6 +126,8 @@ class Request:
     stop_ids: frozenset[int]
     seed: int  # the sampler's key: params.seed, or drawn at submission
     parent: Sequence | None = None  # continue this sequence's pages (a pair stage forks its model's prefix)
+    in_place: bool = False  # write into `parent` itself, not a fork: its holder lends it (a speculation's round)
+    room: int = 0  # cache slots reserved past its own, for the requests that will continue its sequence in place
     keep_sequence: bool = False  # hand the prefilled sequence to the caller (a prefix) instead of releasing it
     prompt_logits: bool = False  # keep the logits of every prompt position
     key_mass: bool = False  # add up the attention each cached key receives during decode
@@ -157,7 +159,7 @@ class Request:
     @property
     def total_tokens(self) -> int:
         """Cache slots this request may fill: its prompt (after its parent's tokens) and every fed token."""
-        return (self.parent.length if self.parent else 0) + len(self.prompt) + max(self.max_tokens - 1, 0)
+        return (self.parent.length if self.parent else 0) + len(self.prompt) + max(self.max_tokens - 1, 0) + self.room
 
 
     def output(self, tokenizer: Tokenizer) -> GenerateOutput:

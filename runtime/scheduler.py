@@ -44,8 +44,10 @@ class Scheduler:
 
     def pages_needed(self, request: Request) -> int:
         """Fresh pages the request takes for its life: its own slots, and one more where it forks a parent whose
-        partly filled last page it will copy before writing."""
+        partly filled last page it will copy before writing. In place, what its sequence has not reserved yet."""
         size = self.pool.page_size
+        if request.in_place:
+            return max(0, -(-request.total_tokens // size) - len(request.parent.pages))
         shared = (request.parent.length // size) if request.parent else 0
         return -(-request.total_tokens // size) - shared
 
@@ -99,11 +101,12 @@ class Scheduler:
         return plan
 
     def _admit(self, request: Request) -> None:
-        """Give the request its sequence, with every page it will fill reserved (a fork shares its parent's)."""
-        seq = Sequence(self.pool)
+        """Give the request its sequence, with every page it will fill reserved (a fork shares its parent's; in
+        place, the parent is its sequence)."""
+        seq = request.parent if request.in_place else Sequence(self.pool)
         request.seq = seq
         with uninterrupted():
-            if request.parent is not None:
+            if request.parent is not None and not request.in_place:
                 seq.fork_from(request.parent)
             seq.reserve(request.total_tokens - seq.length)
         request.phase = Phase.PREFILL

@@ -1,9 +1,11 @@
 """Speculative decoding: a draft engine proposes k tokens, the target engine checks them in one prefill of k + 1
 positions over its paged cache and keeps the longest prefix it agrees with, plus one token of its own.
 
-Both engines keep their sequence between rounds (`keep_sequence`); each round forks it, and the rejected tokens
-are cut off again (`Sequence.truncate`), so a round costs the draft k steps and the target one forward. Each runs
-in its own engine's loop, batched with whatever else that engine serves. Greedy, the output is the target's own
+Each engine prefills the prompt into a sequence of the generation's own, admitted with the cache room of the
+whole generation (`room`: max_tokens, as a plain request), and keeps it between rounds. Each round writes into it
+in place (`in_place`: no fork, no page taken or copied, no wait for pages, so speculations can never starve each
+other of cache) and the rejected tokens are cut off again (`Sequence.truncate`): a round costs the draft k steps
+and the target one forward. Each runs in its own engine's loop, batched with whatever else that engine serves. Greedy, the output is the target's own
 greedy output, token for token (up to the rounding that may differ between prefill and decode). Sampled, the
 draft draws each token from its filtered distribution q (one prefill per token, its logits kept) and the
 standard rejection rule (`accept_drafts`) keeps the output distributed as the target's own sampling. Stop ids
@@ -59,29 +61,28 @@ async def speculate(target, draft, target_prompt: Prompt, draft_prompt: Prompt, 
     rng = torch.Generator().manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
     held: list[Sequence] = []  # the sequences handed over to this generation
     flying: list[RequestHandle] = []  # its requests not yet handed over: discarded if it ends first
-    try:
+    room = params.max_tokens - 1  # neither sequence ever grows past its prompt + max_tokens - 1 (the target feeds
+    try:  # its last token and k drafts with k <= max_tokens - 1 - tokens so far; the draft one token fewer)
         # Both prefill the prompt; the target's first token is the first output token, the draft's is not used.
         flying.append(target.submit_stage(target_parent, target_prompt, dataclasses.replace(params, max_tokens=1),
-                                          keep_sequence=True))
-        flying.append(draft.submit_stage(draft_parent, draft_prompt, _greedy(draft, 1), keep_sequence=True))
+                                          keep_sequence=True, room=room))
+        flying.append(draft.submit_stage(draft_parent, draft_prompt, _greedy(draft, 1), keep_sequence=True,
+                                         room=room))
         start, primed = await _take(flying[0], flying, held), await _take(flying[-1], flying, held)
         first_at = time.perf_counter()
-        seq_d = primed.seq
-        seq_t, timings = start.seq, dataclasses.replace(start.timings)
+        seq_t, seq_d, timings = start.seq, primed.seq, dataclasses.replace(start.timings)
         ended = keep(start.token_ids)
         pending = list(tokens)  # output tokens not yet in the draft's cache (the last one not in the target's)
         size = k_max
         while not ended:
             k = min(size, params.max_tokens - len(tokens) - 1)  # the target adds one token of its own
-            drafts, q, before_d = [], [], seq_d.length
+            drafts, q, before_d, before_t = [], [], seq_d.length, seq_t.length
             if k > 0 and sampled:
-                drafts, q, seq_d = await _draw_drafts(draft, seq_d, draft_prompt, pending, k, params, rng, flying,
-                                                      held)
+                drafts, q = await _draw_drafts(draft, seq_d, draft_prompt, pending, k, params, rng, flying, held)
             elif k > 0:
                 flying.append(draft.submit_stage(seq_d, _after(seq_d, draft_prompt, pending), _greedy(draft, k),
-                                                 keep_sequence=True))
-                out = await _take(flying[-1], flying, held)
-                drafts, seq_d = out.token_ids, _swap(held, seq_d, out.seq)
+                                                 keep_sequence=True, in_place=True))
+                drafts = (await _take(flying[-1], flying, held)).token_ids
             flying.append(target.submit_verify(seq_t, _after(seq_t, target_prompt, [tokens[-1], *drafts])))
             verified = await _take(flying[-1], flying, held)
             if sampled:
@@ -90,8 +91,7 @@ async def speculate(target, draft, target_prompt: Prompt, draft_prompt: Prompt, 
                 best = verified.logits.argmax(dim=-1).tolist()  # the target's token after each of t, d1, ..., dk
                 accepted = next((i for i, (d, b) in enumerate(zip(drafts, best)) if d != b), len(drafts))
                 last = best[accepted]
-            verified.seq.truncate(seq_t.length + 1 + accepted)  # t and the drafts it kept
-            seq_t = _swap(held, seq_t, verified.seq)
+            seq_t.truncate(before_t + 1 + accepted)  # t and the drafts it kept
             new = [*drafts[:accepted], last]
             if drafts:  # the draft fed pending and d1 .. d(k-1): it keeps those the target kept
                 kept = min(accepted, len(drafts) - 1)
@@ -134,9 +134,10 @@ def check_speculation(target, draft, params: SamplingParams, k_max) -> None:
 
 
 async def _take(handle: RequestHandle, flying: list[RequestHandle], held: list[Sequence]):
-    """The outcome of a request in `flying`; its sequence, handed over, moves to `held` at once."""
+    """The outcome of a request in `flying`; its sequence, handed over (or back, in place), is in `held` at once."""
     out = await handle.result_async()
-    held.append(out.seq)
+    if out.seq not in held:
+        held.append(out.seq)
     flying.remove(handle)
     if getattr(out, "ready", None) is not None:  # CUDA: the logits are written on the engine's stream
         out.ready.synchronize()
@@ -146,18 +147,17 @@ async def _take(handle: RequestHandle, flying: list[RequestHandle], held: list[S
 async def _draw_drafts(draft, seq: Sequence, prompt: Prompt, pending: list[int], k: int, params: SamplingParams,
                        rng: torch.Generator, flying: list[RequestHandle], held: list[Sequence]):
     """k tokens drawn one at a time from the draft's filtered distribution, each from a prefill of the token before
-    it (the first: of `pending`) with its logits kept -> (drafts, their distributions q, the draft's sequence, which
-    then holds pending and every draft but the last, like a decode's)."""
+    it (the first: of `pending`) with its logits kept -> (drafts, their distributions q); `seq` then holds pending
+    and every draft but the last, like a decode's."""
     drafts, q, feed = [], [], pending
     for _ in range(k):
         flying.append(draft.submit_verify(seq, _after(seq, prompt, feed)))
         out = await _take(flying[-1], flying, held)
-        seq = _swap(held, seq, out.seq)
         probs = filtered_probs(out.logits[-1:], params)[0]
         drafts.append(int(torch.multinomial(probs.cpu(), 1, generator=rng)))
         q.append(probs)
         feed = drafts[-1:]
-    return drafts, q, seq
+    return drafts, q
 
 
 def accept_drafts(drafts: list[int], q: list[torch.Tensor], p: torch.Tensor, rng: torch.Generator) -> tuple[int, int]:
@@ -183,10 +183,3 @@ def _greedy(draft, n: int) -> SamplingParams:
 def _after(seq: Sequence, prompt: Prompt, ids: list[int]) -> Prompt:
     """`ids` continuing `seq` (which began with `prompt`): their positions go on from its end."""
     return Prompt.continuing(ids, seq.length, prompt.rope_delta)
-
-
-def _swap(held: list[Sequence], old: Sequence, new: Sequence) -> Sequence:
-    """`new` (a fork of `old` holding all it had) replaces `old`, which goes back."""
-    old.release()  # first: until it leaves `held`, the end releases it (again: a no-op)
-    held.remove(old)
-    return new

@@ -96,7 +96,8 @@ def test_too_long_for_the_cache_is_refused_before_any_work(tiny_2b, messages):
 
 def test_a_request_that_fits_only_later_waits_for_its_pages(engine):
     """Pages held elsewhere (here a sequence that keeps all but two) make a request that needs more wait in the
-    queue, not fail; it runs as soon as they come back."""
+    queue, not fail; it runs as soon as they come back, given back from another thread with nothing else posted
+    (the pool wakes the engine's loop)."""
     hog = Sequence(engine.pool)
     hog.reserve((engine.pool.free_pages - 2) * engine.pool.page_size)
     try:
@@ -105,7 +106,6 @@ def test_a_request_that_fits_only_later_waits_for_its_pages(engine):
         assert not handle.done and engine.scheduler.waiting
     finally:
         hog.release()
-    engine.abort(-1)  # any message wakes the loop, which then admits the request
     assert len(handle.result(timeout=30).token_ids) == 12
     assert engine.pool.pages_in_use == 0
 

@@ -39,7 +39,7 @@ PAIR_CODE = [Tandem.answer, Tandem.answer_async, Tandem._run_policy, Tandem._sta
              Tandem._build_prefix, Tandem._release, Tandem._transfer, Tandem._reason, Tandem._short, pipeline._all,
              RequestHandle.handover_async, RequestHandle.result_async, RequestHandle.stream_async]
 SPECULATIVE_CODE = [speculative.speculate, speculative._take, speculative._draw_drafts, speculative.accept_drafts,
-                    speculative._after, speculative._swap, _Engine._drafted, _Engine.generate_async,
+                    speculative._after, _Engine._drafted, _Engine.generate_async,
                     _Engine.stream_async, engine_module._speculative_stream, loop_module.iterate,
                     RequestHandle.discard_async, RequestHandle.result_async]
 

@@ -162,6 +162,25 @@ def test_speculating_and_plain_requests_share_the_engines(large, small, messages
     assert no_pages(large, small)
 
 
+def test_speculations_that_overfill_the_cache_wait_their_turn_and_never_stall(tiny_2b, tiny_8b):
+    """Six speculations at once, each needing over a third of the cache: each is admitted with the room of its whole
+    generation, so the first ones run to their end and the others wait for their pages, none of them half-way
+    (rounds that took pages as they went would fill the cache with half-done sequences and wait for ever)."""
+    large, small = (Engine.from_pretrained(c, device="cpu", dtype="float32", kv_cache_tokens=384, page_size=16)
+                    for c in (tiny_8b, tiny_2b))
+    text = [{"role": "user", "content": "Count from one to twenty."}]
+    params = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
+    reference = large.generate(text, params).token_ids
+    assert 3 * (len(large.prepare(text)) + len(reference)) > large.pool.capacity_tokens  # two at a time at most
+
+    async def run():
+        drafted = [large.generate_async(text, params, draft=small, speculative=4) for _ in range(6)]
+        return await asyncio.wait_for(asyncio.gather(*drafted), timeout=300)
+
+    assert [o.token_ids for o in asyncio.run(run())] == [reference] * 6
+    assert no_pages(large, small)
+
+
 @pytest.mark.parametrize("delay", [0.0, 0.02, 0.1, 0.4])
 def test_a_cancelled_speculative_generation_gives_every_page_back(large, small, messages, delay):
     async def run():
@@ -186,18 +205,17 @@ def test_bad_speculative_requests_are_refused(large, small, messages):
     assert large.generate(messages, GREEDY, draft=small, speculative=2).token_ids  # still usable
 
 
-def test_truncating_a_sequence_gives_back_the_pages_past_its_new_end(tiny_2b):
+def test_truncating_a_sequence_keeps_its_pages_for_the_tokens_that_replace_the_cut_ones(tiny_2b):
     engine = Engine.from_pretrained(tiny_2b, device="cpu", dtype="float32", kv_cache_tokens=256)
     pool: PagePool = engine.pool
     seq = Sequence(pool)
     seq.append_slots(40)  # 3 pages of 16
     assert len(seq.pages) == 3 and pool.pages_in_use == 3
-    seq.truncate(17)  # 2 pages
-    assert (seq.length, len(seq.pages), pool.pages_in_use) == (17, 2, 2)
-    seq.truncate(16)
-    assert (seq.length, len(seq.pages), pool.pages_in_use) == (16, 1, 1)
+    seq.truncate(17)
+    assert (seq.length, len(seq.pages), pool.pages_in_use) == (17, 3, 3)
+    assert seq.append_slots(2).tolist() == [seq.pages[1] * 16 + 1, seq.pages[1] * 16 + 2]  # where 17, 18 were
     with pytest.raises(ValueError):
-        seq.truncate(17)
+        seq.truncate(20)
     seq.release()
     assert pool.pages_in_use == 0
 
