@@ -423,6 +423,8 @@ class Engine:
                 value = Prefill(request.seq if request.keep_sequence else None,
                                 torch.cat(request.logits) if request.prompt_logits else None, timings,
                                 request.vision_cache_hit)
+                if value.logits is not None:
+                    value.best = value.logits.argmax(dim=-1)
             else:
                 value = request.output(self.tokenizer)
                 value.seq = request.seq if request.keep_sequence else None

@@ -105,6 +105,8 @@ class Prefill:
     timings: Timings
     vision_cache_hit: bool | None
     ready: torch.cuda.Event | None = None  # on CUDA with logits: wait for it before reading them
+    best: torch.Tensor | None = None  # [prompt] with logits: each position's likeliest token, taken where the
+    # logits are made (a caller's thread need not touch a vocabulary-wide row: on the CPU its threads would compete)
 
 
 class Phase(Enum):

@@ -2,11 +2,12 @@
 positions over its paged cache and keeps the longest prefix it agrees with, plus one token of its own.
 
 Each engine prefills the prompt into a sequence of the generation's own, admitted with the cache room of the
-whole generation (`room`: max_tokens, as a plain request), and keeps it between rounds. Each round writes into it
-in place (`in_place`: no fork, no page taken or copied, no wait for pages, so speculations can never starve each
-other of cache) and the rejected tokens are cut off again (`Sequence.truncate`): a round costs the draft k steps
-and the target one forward. Each runs in its own engine's loop, batched with whatever else that engine serves. Greedy, the output is the target's own
-greedy output, token for token (up to the rounding that may differ between prefill and decode). Sampled, the
+whole reply (`room`: prompt + max_tokens, as a plain request), and keeps it between rounds. Each round writes into
+it in place (`in_place`: no fork, no page taken or copied, no wait for pages, so speculations can never starve
+each other of cache) and the rejected tokens are cut off again (`Sequence.truncate`): a round costs the draft k
+steps and the target one forward. Each runs in its own engine's loop, batched with whatever else that engine
+serves. Greedy, the output is the target's own greedy output, token for token (up to the rounding that may differ
+between prefill and decode). Sampled, the
 draft draws each token from its filtered distribution q (one prefill per token, its logits kept) and the
 standard rejection rule (`accept_drafts`) keeps the output distributed as the target's own sampling. Stop ids
 and stop strings end the reply inside a round as they end a plain one; the text streams round by round.
@@ -26,7 +27,7 @@ import torch
 
 from tandem.models.errors import InputError
 from tandem.models.prompt import Prompt
-from tandem.runtime.kv_cache import Sequence
+from tandem.runtime.kv_cache import Sequence, release_all
 from tandem.runtime.reply_text import ReplyText
 from tandem.runtime.request import GenerateOutput, RequestHandle
 from tandem.runtime.sampling import SamplingParams, filtered_probs
@@ -61,8 +62,10 @@ async def speculate(target, draft, target_prompt: Prompt, draft_prompt: Prompt, 
     rng = torch.Generator().manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
     held: list[Sequence] = []  # the sequences handed over to this generation
     flying: list[RequestHandle] = []  # its requests not yet handed over: discarded if it ends first
-    room = params.max_tokens - 1  # neither sequence ever grows past its prompt + max_tokens - 1 (the target feeds
-    try:  # its last token and k drafts with k <= max_tokens - 1 - tokens so far; the draft one token fewer)
+    # Neither sequence ever grows past its prompt + max_tokens - 1: a round feeds the target its last token and k
+    # drafts, k <= max_tokens - 1 - the tokens so far, and the draft one token fewer.
+    room = params.max_tokens - 1
+    try:
         # Both prefill the prompt; the target's first token is the first output token, the draft's is not used.
         flying.append(target.submit_stage(target_parent, target_prompt, dataclasses.replace(params, max_tokens=1),
                                           keep_sequence=True, room=room))
@@ -88,7 +91,7 @@ async def speculate(target, draft, target_prompt: Prompt, draft_prompt: Prompt, 
             if sampled:
                 accepted, last = accept_drafts(drafts, q, filtered_probs(verified.logits, params), rng)
             else:
-                best = verified.logits.argmax(dim=-1).tolist()  # the target's token after each of t, d1, ..., dk
+                best = verified.best.tolist()  # the target's token after each of t, d1, ..., dk
                 accepted = next((i for i, (d, b) in enumerate(zip(drafts, best)) if d != b), len(drafts))
                 last = best[accepted]
             seq_t.truncate(before_t + 1 + accepted)  # t and the drafts it kept
@@ -108,10 +111,9 @@ async def speculate(target, draft, target_prompt: Prompt, draft_prompt: Prompt, 
             elif 2 * accepted < len(drafts):
                 size = max(1, size - 1)
     finally:
-        for handle in list(flying):
+        for handle in list(flying):  # first: a request still running may be writing into a held sequence
             await handle.discard_async()
-        for seq in held:
-            seq.release()
+        release_all(held)
     timings.output_tokens, timings.decode_s = len(tokens), time.perf_counter() - first_at
     tail = reply.finish()
     if on_text is not None and tail:
