@@ -230,7 +230,8 @@ class Engine:
         keep_sequence, the result's seq hands the sequence over (every fed token in it; the last token drawn is
         not fed): give it back with `release`. room: cache slots reserved in it past the request's own, admitted
         with it, for later requests in place. in_place: write into `parent` itself (handed over by an earlier
-        request; this one must be the only one using it), not into a fork."""
+        request; this one must be the only one using it), not into a fork; the caller keeps it, whatever the
+        request's outcome, and gives it back."""
         return self._submit(prompt, params, parent=parent, key_mass=key_mass, ready=ready,
                             keep_sequence=keep_sequence, room=room, in_place=in_place)
 
@@ -434,8 +435,9 @@ class Engine:
         except Exception as e:
             value = e
         finally:
-            if request.seq is not None and not (request.keep_sequence and not isinstance(value, BaseException)):
-                request.seq.release()
+            failed = isinstance(value, BaseException)
+            if request.seq is not None and not request.in_place and not (request.keep_sequence and not failed):
+                request.seq.release()  # (a sequence lent in place stays its holder's to give back)
             handle = request.handle()
             if handle is not None:
                 handle.finish(value)
@@ -479,6 +481,8 @@ async def _speculative_stream(drafted: tuple) -> AsyncIterator[str]:
         if not task.done():
             task.cancel()
             await asyncio.wait([task])
+        if not task.cancelled():
+            task.exception()  # taken: a stream closed after a failure logs no "never retrieved"
 
 
 def device_clock(device: torch.device) -> float:

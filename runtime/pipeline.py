@@ -293,7 +293,7 @@ class Tandem:
             template = len(self._suffix_ids(request, model, "\n" + self.prompts.transfer.replace("{reasoning}", "")))
             sizes.append(template + 2 + b.reason_tokens + b.short_tokens)  # 2: the split may cost a merge each side
         if model == "small" and self._speculates(request, "large"):  # the draft follows the large model's stages
-            sizes.append(self._stage_tokens(request, "large") + b.speculative)
+            sizes.append(self._stage_tokens(request, "large"))
         return max(sizes)
 
     @staticmethod

@@ -9,6 +9,7 @@ the handle's condition variable, and wakes asyncio waiters through their own eve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import threading
 import time
@@ -231,7 +232,8 @@ class RequestHandle:
             waiters = list(self._waiters)
         for loop, event, every_token in waiters:
             if final or every_token:
-                loop.call_soon_threadsafe(event.set)
+                with contextlib.suppress(RuntimeError):  # its event loop closed: nobody waits there any more
+                    loop.call_soon_threadsafe(event.set)
 
     def _sleep(self, timeout: float | None) -> None:
         """Until a change or `timeout` (never longer than WAKE_POLL_S): the caller then looks again."""

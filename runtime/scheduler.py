@@ -79,13 +79,16 @@ class Scheduler:
         # for its stages must not wait behind new prefixes, and a new prefix is admitted only with room for a stage
         # left (its headroom), so the held prefixes can never fill the cache and starve every stage.
         for forks in (True, False):
+            blocked = False  # one of this kind waits for pages: later ones that need pages do not overtake it
             for request in [r for r in self.waiting if (r.parent is not None) == forks]:
                 if len(self.prefilling) + len(self.decoding) >= self.config.max_running:
                     break
-                if self.pages_needed(request) + request.headroom > self.pool.free_pages:
+                need = self.pages_needed(request) + request.headroom
+                if need > self.pool.free_pages:
                     self.pool.reclaim()  # pages of sequences dropped without a release come back first
-                if self.pages_needed(request) + request.headroom > self.pool.free_pages:
-                    break  # later requests of this kind do not overtake it
+                if need > self.pool.free_pages or (blocked and need):
+                    blocked = True  # those that need none (a speculation's round, in place) still go ahead: the
+                    continue  # pages it waits for may be held by the sequence that round would finish
                 self._admit(request)
                 self.waiting.remove(request)
                 plan.admitted.append(request)

@@ -2,15 +2,20 @@
 positions over its paged cache and keeps the longest prefix it agrees with, plus one token of its own.
 
 Each engine prefills the prompt into a sequence of the generation's own, admitted with the cache room of the
-whole reply (`room`: prompt + max_tokens, as a plain request), and keeps it between rounds. Each round writes into
-it in place (`in_place`: no fork, no page taken or copied, no wait for pages, so speculations can never starve
-each other of cache) and the rejected tokens are cut off again (`Sequence.truncate`): a round costs the draft k
-steps and the target one forward. Each runs in its own engine's loop, batched with whatever else that engine
-serves. Greedy, the output is the target's own greedy output, token for token (up to the rounding that may differ
-between prefill and decode). Sampled, the
-draft draws each token from its filtered distribution q (one prefill per token, its logits kept) and the
-standard rejection rule (`accept_drafts`) keeps the output distributed as the target's own sampling. Stop ids
-and stop strings end the reply inside a round as they end a plain one; the text streams round by round.
+whole reply (`room`, as much as a plain request of max_tokens holds), and keeps it between rounds. Each round
+writes into it in place (`in_place`: no fork, no page taken or copied, no wait for pages) and the rejected tokens
+are cut off again (`Sequence.truncate`): a round costs the draft k steps and the target one forward, each in its
+own engine's loop, batched with whatever else that engine serves. So that no two speculations can each hold a part
+of what they need and wait for the other's, the two first requests of every speculation are posted together: on
+every engine they queue in one order, and an engine admits first come first served (a request waiting for pages
+holds back those behind it that need pages), so a speculation waiting for its second part waits only for work
+that ends.
+
+Greedy, the output is the target's own greedy output, token for token (up to the rounding that may differ between
+prefill and decode). Sampled, the draft draws each token from its filtered distribution q (one prefill per token,
+its logits kept) and the standard rejection rule (`accept_drafts`) keeps the output distributed as the target's
+own sampling. Stop ids and stop strings end the reply inside a round as they end a plain one; the text streams
+round by round.
 
 k adapts within [1, k_max]: after a round whose drafts were all kept it grows by one, after one that kept fewer
 than half it shrinks by one.
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import threading
 import time
 from collections.abc import Callable
 
@@ -31,6 +37,8 @@ from tandem.runtime.kv_cache import Sequence, release_all
 from tandem.runtime.reply_text import ReplyText
 from tandem.runtime.request import GenerateOutput, RequestHandle
 from tandem.runtime.sampling import SamplingParams, filtered_probs
+
+_POSTING = threading.Lock()  # every speculation's two first requests, posted as one
 
 
 async def speculate(target, draft, target_prompt: Prompt, draft_prompt: Prompt, params: SamplingParams, k_max: int,
@@ -67,10 +75,11 @@ async def speculate(target, draft, target_prompt: Prompt, draft_prompt: Prompt, 
     room = params.max_tokens - 1
     try:
         # Both prefill the prompt; the target's first token is the first output token, the draft's is not used.
-        flying.append(target.submit_stage(target_parent, target_prompt, dataclasses.replace(params, max_tokens=1),
-                                          keep_sequence=True, room=room))
-        flying.append(draft.submit_stage(draft_parent, draft_prompt, _greedy(draft, 1), keep_sequence=True,
-                                         room=room))
+        with _POSTING:
+            flying.append(target.submit_stage(target_parent, target_prompt, dataclasses.replace(params, max_tokens=1),
+                                              keep_sequence=True, room=room))
+            flying.append(draft.submit_stage(draft_parent, draft_prompt, _greedy(draft, 1), keep_sequence=True,
+                                             room=room))
         start, primed = await _take(flying[0], flying, held), await _take(flying[-1], flying, held)
         first_at = time.perf_counter()
         seq_t, seq_d, timings = start.seq, primed.seq, dataclasses.replace(start.timings)

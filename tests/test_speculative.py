@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import threading
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from tandem.models.errors import InputError
+from tandem.models.prompt import Prompt
 from tandem.runtime import Budget, Engine, SamplingParams, Tandem
 from tandem.runtime.kv_cache import PagePool, Sequence
 from tandem.runtime.speculative import accept_drafts
@@ -162,22 +165,69 @@ def test_speculating_and_plain_requests_share_the_engines(large, small, messages
     assert no_pages(large, small)
 
 
-def test_speculations_that_overfill_the_cache_wait_their_turn_and_never_stall(tiny_2b, tiny_8b):
-    """Six speculations at once, each needing over a third of the cache: each is admitted with the room of its whole
-    generation, so the first ones run to their end and the others wait for their pages, none of them half-way
+@pytest.fixture(scope="module")
+def cramped(tiny_8b, tiny_2b) -> tuple[Engine, Engine]:
+    """The pair with 16 pages of 16 tokens each."""
+    return tuple(Engine.from_pretrained(c, device="cpu", dtype="float32", kv_cache_tokens=256, page_size=16)
+                 for c in (tiny_8b, tiny_2b))
+
+
+def in_threads(calls, timeout: float = 300.0) -> list:
+    """Each call in a daemon thread of its own, all at once -> their results; fails if any is not done in time."""
+    results, threads = [None] * len(calls), []
+    for i, call in enumerate(calls):
+        threads.append(threading.Thread(target=lambda i=i, call=call: results.__setitem__(i, call()), daemon=True))
+        threads[-1].start()
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in threads), "stalled"
+    return results
+
+
+@pytest.mark.parametrize("drafter", ["small", "itself"])
+def test_speculations_that_overfill_the_cache_wait_their_turn_and_never_stall(cramped, drafter):
+    """Four speculations from four threads at once, each needing over a third of the cache (a self-draft: two
+    sequences on one engine): each is admitted with the room of its whole generation, both engines taking them in
+    one order, so the first ones run to their end and the others wait for their pages, none of them half-way
     (rounds that took pages as they went would fill the cache with half-done sequences and wait for ever)."""
-    large, small = (Engine.from_pretrained(c, device="cpu", dtype="float32", kv_cache_tokens=384, page_size=16)
-                    for c in (tiny_8b, tiny_2b))
+    large, small = cramped
+    draft = small if drafter == "small" else large
     text = [{"role": "user", "content": "Count from one to twenty."}]
-    params = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=80, temperature=0.0, ignore_eos=True)
     reference = large.generate(text, params).token_ids
     assert 3 * (len(large.prepare(text)) + len(reference)) > large.pool.capacity_tokens  # two at a time at most
+    outs = in_threads([lambda: large.generate(text, params, draft=draft, speculative=4)] * 4)
+    assert [o.token_ids for o in outs] == [reference] * 4
+    assert no_pages(large, small)
 
-    async def run():
-        drafted = [large.generate_async(text, params, draft=small, speculative=4) for _ in range(6)]
-        return await asyncio.wait_for(asyncio.gather(*drafted), timeout=300)
 
-    assert [o.token_ids for o in asyncio.run(run())] == [reference] * 6
+def test_a_speculations_rounds_pass_a_request_that_waits_for_pages(cramped):
+    """A stage forked from a held prefix waits for pages that a running speculation holds: the speculation's
+    rounds, which need no new page, are admitted past it (else neither would ever move)."""
+    large, small = cramped
+    text = [{"role": "user", "content": "Count from one to twenty."}]
+    params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+    reference = large.generate(text, params).token_ids
+    prefix = large.submit_prefix(large.prepare(None, list(range(100, 200)))).result().seq  # 7 pages
+    try:
+        async def run():
+            task = asyncio.ensure_future(large.generate_async(text, params, draft=small, speculative=2))
+            while large.pool.pages_in_use <= len(prefix.pages):  # the speculation's first request is admitted
+                await asyncio.sleep(0.001)
+            # 100 + 10 + 75 tokens: 6 pages past the prefix's 6 full ones, more than are free, fewer than could be
+            stage = large.submit_stage(prefix, Prompt.continuing([5] * 10, prefix.length, 0),
+                                       large.resolve(SamplingParams(max_tokens=76, temperature=0.0)))
+            assert large.pool.free_pages < 6 <= large.pool.num_pages - len(prefix.pages)
+            out = await asyncio.wait_for(task, timeout=120)
+            assert not stage.done  # it still waits: the prefix is held
+            return out, stage
+
+        out, stage = asyncio.run(run())
+        assert out.token_ids == reference
+    finally:
+        large.release(prefix)
+    assert len(stage.result(timeout=120).token_ids) > 0  # admitted once the prefix went back
     assert no_pages(large, small)
 
 
