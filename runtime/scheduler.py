@@ -4,7 +4,8 @@ A waiting queue and a running set. Each step admits waiting requests, first come
 for their whole life (prompt + max_tokens: no preemption is ever needed) are free and the running set is below its
 limit; then hands out prompt chunks under the step's token budget (a long image prompt stalls the running decodes
 for one chunk at a time, not for its whole prefill); then decodes every request that has its first token, in one
-batched step. Requests join and leave between steps.
+batched step. Requests join and leave between steps. A speculation's rounds write in place into a sequence whose
+pages it reserved at its start: they need no page and are never held back.
 """
 
 from __future__ import annotations
@@ -83,12 +84,14 @@ class Scheduler:
             for request in [r for r in self.waiting if (r.parent is not None) == forks]:
                 if len(self.prefilling) + len(self.decoding) >= self.config.max_running:
                     break
+                if blocked and not request.in_place:
+                    continue
                 need = self.pages_needed(request) + request.headroom
-                if need > self.pool.free_pages:
+                if need > self.pool.free_pages and not blocked:
                     self.pool.reclaim()  # pages of sequences dropped without a release come back first
                 if need > self.pool.free_pages or (blocked and need):
-                    blocked = True  # those that need none (a speculation's round, in place) still go ahead: the
-                    continue  # pages it waits for may be held by the sequence that round would finish
+                    blocked = True  # a speculation's round in place, needing no page, still goes ahead: the pages
+                    continue  # waited for may be held by the sequence that round would finish
                 self._admit(request)
                 self.waiting.remove(request)
                 plan.admitted.append(request)
