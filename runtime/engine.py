@@ -194,7 +194,11 @@ class Engine:
         params = self.resolve(sampling)
         check_speculation(self, draft, params, speculative)  # before the images are decoded
         prompt = self.prepare(messages, prompt_token_ids, images, max_tokens=params.max_tokens)
-        draft_prompt = draft.prepare(messages, prompt_token_ids, images, max_tokens=params.max_tokens)
+        if draft.image_config == self.image_config:  # the draft reads the very ids and images: decoded once
+            draft.scheduler.check_fits(len(prompt) + params.max_tokens)
+            draft_prompt = draft.prompts.of(prompt.token_ids, prompt.images, prompt.digests)
+        else:
+            draft_prompt = draft.prepare(messages, prompt_token_ids, images, max_tokens=params.max_tokens)
         return self, draft, prompt, draft_prompt, params, speculative
 
     def abort(self, request_id: int) -> None:
