@@ -10,6 +10,11 @@ while the batch stays the same. When a request joins or leaves, the buffers are 
 view of every row, and the tokens and stop flags only the device knows are carried over by a gather. Padding rows
 write into the pool's scratch page, which no sequence owns; their logits are never read.
 
+A short text chunk (a speculation's drafts to check, a round's first draft step, a short prompt) runs in the same
+shape: one row per token, every row on the sequence's block table at its own length, in buffers of its own. So it
+replays a graph too, where a prefill would launch every kernel of the model from the host, at the cost of reading
+the sequence's keys and values once per row.
+
 A shape's first step runs eagerly on the capture stream, its second is captured; a capture that fails leaves that
 shape eager, with a warning. TANDEM_CUDA_GRAPHS=0 (EngineConfig.cuda_graphs) turns graphs off.
 """
@@ -26,11 +31,12 @@ import torch
 from tandem.kernels import AttentionMetadata, env, use_backend
 from tandem.kernels.backend import implementation
 from tandem.models.qwen3_vl import Qwen3VL, VisualTokens
-from tandem.runtime.kv_cache import PagePool
+from tandem.runtime.kv_cache import PagePool, Sequence
 from tandem.runtime.request import Request
 from tandem.runtime.sampling import SamplingParams, SamplingRows, sample, seed_key, to_device
 
 MIN_WIDTH = 16  # pages: the smallest block-table width captured
+ROWS_CHUNK = 16  # a text chunk of at most this many tokens runs as a decode-shaped step, one row per token
 # One capture at a time in the process: torch.cuda.graph synchronizes the device on entry, which would break a
 # capture another engine's loop thread has under way.
 _CAPTURE_LOCK = threading.Lock()
@@ -64,7 +70,8 @@ class ModelRunner:
         self.cuda_graphs = env.cuda_graphs() if cuda_graphs is None else cuda_graphs
         self.device = pool.kv.device
         self.vocab = model.config.text.vocab_size
-        self._buffers: dict[tuple[int, int], _Buffers] = {}
+        self._buffers: dict[tuple[int, int], _Buffers] = {}  # the decode batch's step shapes
+        self._chunk_buffers: dict[tuple[int, int], _Buffers] = {}  # short chunks' (their own: the batch's carry state)
         self._batch: list[Request] = []  # the decode batch in row order
         self._buf: _Buffers | None = None
         self._rows: SamplingRows | None = None
@@ -90,6 +97,10 @@ class ModelRunner:
             if count:
                 image_embeds = request.vision.embeds[before : before + count]
                 visual = VisualTokens(mask, [f[before : before + count] for f in request.vision.deepstack])
+        positions = prompt.positions[:, start:end]
+        if image_embeds is None and n <= ROWS_CHUNK and _continuing(positions, seq.length + prompt.rope_delta):
+            logits = self._prefill_rows(seq, ids, prompt.rope_delta)
+            return logits if request.prompt_logits else logits[-1:] if end == len(prompt) else None
         # Every input goes up through pinned memory, in stream order: a prefill never waits for the steps queued before it.
         meta = AttentionMetadata(
             slot_mapping=to_device(seq.append_slots(n).tolist(), torch.long, device),
@@ -98,7 +109,6 @@ class ModelRunner:
             cu_query_lens=to_device([0, n], torch.int32, device),
             max_query_len=n,
         )
-        positions = prompt.positions[:, start:end]
         positions = positions.to(device) if positions.device.type == device.type else to_device(
             positions.tolist(), torch.long, device)
         if device.type == "cuda":  # ids / positions written on the caller's stream (a transfer stage's suffix):
@@ -109,6 +119,22 @@ class ModelRunner:
         if request.prompt_logits:
             return self.model.logits(hidden)
         return self.model.logits(hidden[-1:]) if end == len(prompt) else None
+
+    def _prefill_rows(self, seq: Sequence, ids: torch.Tensor, rope_delta: int) -> torch.Tensor:
+        """A short text chunk as one decode-shaped step: row i feeds token i at the sequence's length + i over the
+        sequence's block table, so it attends to the tokens before it (every row's K/V is stored before any row
+        attends). Its shapes are a decode step's: on CUDA it replays a graph, where a prefill would launch every
+        kernel from the host. -> logits [n, vocab], a copy (a graph's output is overwritten by its next replay)."""
+        n, length, scratch = len(ids), seq.length, self.pool.scratch_page
+        seq.append_slots(n)  # its pages own (a shared last page copied first), the tokens counted
+        rows, width = bucket(n), max(MIN_WIDTH, bucket(len(seq.pages)))
+        buf = self._chunk_buffers.get((rows, width)) or self._allocate(rows, width, self._chunk_buffers)
+        table = [*seq.pages, *[scratch] * (width - len(seq.pages))]
+        buf.block_table.copy_(to_device([table] * n + [[scratch] * width] * (rows - n), torch.int32, self.device))
+        buf.length.copy_(to_device([*range(length, length + n), *[0] * (rows - n)], torch.int64, self.device))
+        buf.rope_delta.fill_(rope_delta)
+        buf.token[:n].copy_(ids)
+        return self._step(buf, with_mass=False)[:n].clone()
 
     def sample_first(self, requests: list[Request], logits: torch.Tensor) -> torch.Tensor:
         """Each request's first token from its prompt's last logits [len(requests), vocab] -> [len(requests)]."""
@@ -124,7 +150,7 @@ class ModelRunner:
         if batch != self._batch:
             self._set_batch(batch)
         buf, count = self._buf, len(batch)
-        logits = self._step(buf)[:count]
+        logits = self._step(buf, self._with_mass)[:count]
         tokens = sample(logits, self._rows)
         self._rows.step += 1
         buf.stopped[:count] |= (tokens[:, None] == self._stops).any(-1)
@@ -164,7 +190,7 @@ class ModelRunner:
 
         rows = bucket(len(batch))
         width = max(MIN_WIDTH, bucket(max(len(r.seq.pages) for r in batch)))
-        buf = self._buffers.get((rows, width)) or self._allocate(rows, width)
+        buf = self._buffers.get((rows, width)) or self._allocate(rows, width, self._buffers)
         table = torch.full((rows, width), self.pool.scratch_page, dtype=torch.int32)
         for row, request in enumerate(batch):
             table[row, : len(request.seq.pages)] = torch.tensor(request.seq.pages, dtype=torch.int32)
@@ -187,8 +213,7 @@ class ModelRunner:
             request.next_token = None
         self._batch, self._buf = list(batch), buf
 
-    def _step(self, buf: _Buffers) -> torch.Tensor:
-        with_mass = self._with_mass
+    def _step(self, buf: _Buffers, with_mass: bool) -> torch.Tensor:
         if not self.graphable():
             return self._forward(buf, with_mass)
         if with_mass not in buf.graphs:
@@ -269,7 +294,7 @@ class ModelRunner:
         with use_backend(self.kernel_backend):
             return implementation(self.device) == "triton"
 
-    def _allocate(self, rows: int, width: int) -> _Buffers:
+    def _allocate(self, rows: int, width: int, shapes: dict) -> _Buffers:
         device, slots = self.device, width * self.pool.page_size
         buf = _Buffers(
             block_table=torch.zeros(rows, width, dtype=torch.int32, device=device),
@@ -284,8 +309,16 @@ class ModelRunner:
             graphs={},
             warm=set(),
         )
-        self._buffers[rows, width] = buf
+        shapes[rows, width] = buf
         return buf
+
+
+def _continuing(positions: torch.Tensor, start: int) -> bool:
+    """Are these [3, n] M-RoPE positions a text run from `start` on, as a decode step computes them? (Checked on the
+    host only: positions already on the device, a transfer's, take the prefill.)"""
+    if positions.device.type != "cpu":
+        return False
+    return torch.equal(positions, torch.arange(start, start + positions.shape[1]).expand(3, -1))
 
 
 class Readout:

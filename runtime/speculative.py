@@ -1,5 +1,6 @@
-"""Speculative decoding: a draft engine proposes k tokens, the target engine checks them in one prefill of k + 1
-positions over its paged cache and keeps the longest prefix it agrees with, plus one token of its own.
+"""Speculative decoding: a draft engine proposes k tokens, the target engine checks them in one forward of k + 1
+positions over its paged cache (for k + 1 <= 16, a decode-shaped step of one row per position: the runner's short
+chunks) and keeps the longest prefix it agrees with, plus one token of its own.
 
 Each engine prefills the prompt into a sequence of the generation's own, admitted with the cache room of the
 whole reply (`room`, as much as a plain request of max_tokens holds), and keeps it between rounds. Each round
@@ -11,8 +12,8 @@ every engine they queue in one order, and an engine admits first come first serv
 holds back those behind it that need pages), so a speculation waiting for its second part waits only for work
 that ends.
 
-Greedy, the output is the target's own greedy output, token for token (up to the rounding that may differ between
-prefill and decode). Sampled, the draft draws each token from its filtered distribution q (one prefill per token,
+Greedy, the output is the target's own greedy output, token for token (on CUDA up to the rounding that differs
+between a step of one row and one of k + 1, as between batch sizes). Sampled, the draft draws each token from its filtered distribution q (one prefill per token,
 its logits kept) and the standard rejection rule (`accept_drafts`) keeps the output distributed as the target's
 own sampling. Stop ids and stop strings end the reply inside a round as they end a plain one; the text streams
 round by round.

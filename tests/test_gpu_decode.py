@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 
+from tandem.models.prompt import Prompt
 from tandem.runtime import Engine, SamplingParams
 
 from conftest import random_image
@@ -118,3 +119,33 @@ def test_cuda_graphs_off_by_environment(tiny_8b, monkeypatch):
     assert not engine.runner.graphable()
     engine.generate(MESSAGES, PARAMS["greedy"])
     assert all(not buf.graphs for buf in engine.runner._buffers.values())
+
+
+def test_short_chunks_replay_graphs_equal_to_eager_steps(tiny_8b):
+    """A text chunk of at most 16 tokens (a speculation's check of its drafts) runs as a decode-shaped step, one
+    row per token: its first run of a shape is eager, its second is captured, later ones replay. Chunks of 3 and
+    5 tokens after an image prompt, each run 3 times on the same context, give the very logits eager steps give,
+    and a speculation self-drafted through them gives the tokens it gives without graphs."""
+    ids = [9707, 11, 1246, 525, 498]
+    logits, drafted = {}, {}
+    for graphs in (False, True):
+        engine = engine_for(tiny_8b, cuda_graphs=graphs)
+        prompt = engine.prepare(MESSAGES)
+        seq = engine.submit_prefix(prompt).result().seq
+        runs = []
+        try:
+            for n in (3, 5) * 3:
+                start = seq.length
+                out = engine.submit_verify(seq, Prompt.continuing(ids[:n], start, prompt.rope_delta)).result()
+                out.ready.synchronize()
+                runs.append(out.logits)
+                seq.truncate(start)
+        finally:
+            engine.release(seq)
+        logits[graphs] = runs
+        chunk_graphs = [g for buf in engine.runner._chunk_buffers.values() for g in buf.graphs.values()]
+        assert (len(chunk_graphs) == 2 and all(chunk_graphs)) if graphs else not chunk_graphs
+        drafted[graphs] = engine.generate(MESSAGES, PARAMS["greedy"], draft=engine, speculative=3).token_ids
+        assert engine.pool.pages_in_use == 0
+    assert all(torch.equal(a, b) for a, b in zip(logits[False], logits[True]))
+    assert drafted[True] == drafted[False]

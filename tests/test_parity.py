@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, Qwen2VLImageProcessorPil, Qwen3VLForConditionalGeneration
 
+from tandem.models.prompt import Prompt
 from tandem.runtime import Engine, SamplingParams
 
 from conftest import random_image
@@ -101,6 +102,33 @@ def test_messages_equal_prompt_token_ids(case):
     from_ids = case.engine.generate(prompt_token_ids=case.unexpanded_ids, images=case.images, sampling=sampling)
     assert from_ids.token_ids == from_messages.token_ids
     assert from_ids.text == from_messages.text
+
+
+def test_short_chunks_after_the_prompt_match_transformers(case):
+    """Chunks of at most 16 text tokens run as one decode-shaped step, one row per token (the runner's short-chunk
+    path): after the prompt in the cache, chunks of 1, 3, 5 and 16 tokens give the logits transformers gives for
+    those positions of the whole sequence. Every cache slot no sequence holds is NaN first: a row that reads past
+    its own tokens turns its logits into NaN."""
+    engine = case.engine
+    assert engine.pool.pages_in_use == 0
+    engine.pool.kv[:, :, [p for p in range(engine.pool.num_pages) if p != engine.pool.scratch_page]] = float("nan")
+    prompt = engine.prepare(case.messages)
+    seq = engine.submit_prefix(prompt).result().seq
+    extra = torch.randint(0, engine.model.config.text.vocab_size, (25,), generator=torch.Generator().manual_seed(7))
+    ours, start = [], 0
+    try:
+        for n in (1, 3, 5, 16):
+            chunk = Prompt.continuing(extra[start : start + n].tolist(), seq.length, prompt.rope_delta)
+            ours.append(engine.submit_verify(seq, chunk).result().logits)
+            start += n
+    finally:
+        engine.release(seq)
+    with torch.no_grad():
+        ref = case.reference(**case.reference_kwargs(case.ids + extra.tolist())).logits[0, len(case.ids):]
+    ours = torch.cat(ours)
+    assert ours.shape == ref.shape
+    assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert engine.pool.pages_in_use == 0
 
 
 def test_pages_return_after_each_request(case):
