@@ -182,8 +182,8 @@ def _add_pair_args(p: argparse.ArgumentParser, scope: str = "") -> None:
     group.add_argument("--reason-tokens", type=_positive_int, metavar="N",
                        help=f"output tokens of a reasoning stage (default: {DEFAULTS['reason_tokens']})")
     group.add_argument("--speculative", type=_positive_int, metavar="K",
-                       help="the large model's answer and reasoning drafted by the small model, up to K tokens at a "
-                            "time: the same output in fewer large-model forwards (default: off)")
+                       help="the large model's stages (answer, reasoning, transfer) drafted by the small model, up "
+                            "to K tokens at a time: the same output in fewer large-model forwards (default: off)")
 
 
 def _add_output_args(p: argparse.ArgumentParser, json_help: str) -> None:

@@ -9,7 +9,7 @@ One request:
    forks the prefix's pages (no copy) and prefills only its own suffix (instruction + assistant header).
 3. Reasoning transfer: the small model's output ids pass to the large model as ids (never detokenized and
    re-tokenized); the token gather kernel writes the large model's suffix (template ids + kept reasoning ids +
-   closing ids) and its positions on the device.
+   closing ids) on the device.
 Every page a request took is released when it ends, whether it succeeds, fails or is cancelled.
 """
 
@@ -198,39 +198,35 @@ class Tandem:
         tail = self._suffix_ids(request, "large", after)
         prefix = await self._prefix(request, "large")
         device = large.device
-        suffix, positions = gather_tokens(torch.tensor(ids, dtype=torch.long, device=device), keep.to(device),
-                                          torch.tensor(head, device=device), torch.tensor(tail, device=device),
-                                          prefix.seq.length + prefix.rope_delta)
+        suffix, _ = gather_tokens(  # its positions: the text run that Prompt.continuing gives, on the host
+            torch.tensor(ids, dtype=torch.long, device=device), keep.to(device), torch.tensor(head, device=device),
+            torch.tensor(tail, device=device), prefix.seq.length + prefix.rope_delta)
         ready = None
-        if device.type == "cuda":  # made on this thread's stream: the large engine's stream waits for it
+        if device.type == "cuda":  # made on this thread's stream: the engines' streams wait for it
             ready = torch.cuda.Event()
             ready.record()
-        transfer, _ = await self._stage(request, "large", "transfer", suffix, request.budget.short_tokens,
-                                        positions=positions.expand(3, -1), ready=ready)
+        transfer, _ = await self._stage(request, "large", "transfer", suffix, request.budget.short_tokens, ready=ready)
         transfer.kept_indices = keep.tolist()
         transfer.reasoning_tokens = len(ids)
         return transfer
 
     # ---- stages ----------------------------------------------------------------------------------------------
     async def _stage(self, request: _Request, model: str, role: str, suffix: list[int] | torch.Tensor,
-                     max_tokens: int, key_mass: bool = False, positions: torch.Tensor | None = None,
+                     max_tokens: int, key_mass: bool = False,
                      ready: torch.cuda.Event | None = None) -> tuple[Stage, GenerateOutput]:
-        """Fork the model's prefix, prefill `suffix` on it, decode."""
+        """Fork the model's prefix, prefill `suffix` on it, decode. (`suffix` on the device: written on the
+        caller's stream, which recorded `ready` after it.)"""
         engine = self.engines[model]
         prefix = await self._prefix(request, model)
         params = engine.resolve(SamplingParams(max_tokens=max_tokens, temperature=request.budget.temperature,
                                                ignore_eos=request.budget.ignore_eos))
-        drafted = self._speculates(request, model) and positions is None and not key_mass
-        if positions is None:
-            prompt = Prompt.continuing(suffix, prefix.seq.length, prefix.rope_delta)
-        else:
-            prompt = Prompt(suffix, [], [], [], positions, prefix.rope_delta)
-        if drafted:  # the small model drafts (its own prefix, the same suffix ids at its positions)
-            draft = await self._prefix(request, "small")
+        prompt = Prompt.continuing(suffix, prefix.seq.length, prefix.rope_delta)
+        if self._speculates(request, model) and not key_mass:  # the small model drafts: its own prefix, the same
+            draft = await self._prefix(request, "small")  # suffix ids at its positions
             draft_prompt = Prompt.continuing(suffix, draft.seq.length, draft.rope_delta)
             shown = None if request.on_text is None else functools.partial(request.on_text, model, role)
             out = await speculate(engine, self.engines["small"], prompt, draft_prompt, params,
-                                  request.budget.speculative, prefix.seq, draft.seq, on_text=shown)
+                                  request.budget.speculative, prefix.seq, draft.seq, on_text=shown, ready=ready)
         else:
             handle = engine.submit_stage(prefix.seq, prompt, params, key_mass=key_mass, ready=ready)
             if request.on_text is not None:
@@ -298,9 +294,8 @@ class Tandem:
 
     @staticmethod
     def _speculates(request: _Request, model: str) -> bool:
-        """Does this request's large-model answer or reasoning stage run drafted by the small model?"""
-        return model == "large" and request.budget.speculative > 0 and request.policy in ("large", "large-reason",
-                                                                                          "verify")
+        """Do this request's large-model stages (answer, reasoning, transfer) run drafted by the small model?"""
+        return model == "large" and request.budget.speculative > 0 and request.policy not in ("small", "small-reason")
 
     def _headroom(self, request: _Request, model: str) -> int:
         size = self.engines[model].pool.page_size

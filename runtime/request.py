@@ -313,17 +313,8 @@ class RequestHandle:
             raise
 
     async def discard_async(self) -> None:
-        """Abort the request and wait for its end, whatever cancels the waiting task meanwhile; a sequence it
-        handed over before the abort reached it goes back. For a caller that will not take the outcome."""
-        self.abort()
-        while not self._done:  # the abort is on its way: the outcome comes within a step
-            try:
-                await asyncio.sleep(0.001)
-            except asyncio.CancelledError:  # cancelled again meanwhile: the sequence must still come back
-                continue
-        seq = getattr(self._value, "seq", None)
-        if seq is not None:
-            seq.release()
+        """Abort the request and wait for its end, giving back a sequence it handed over (`discard_all`)."""
+        await discard_all([self])
 
     async def stream_async(self) -> AsyncIterator[str]:
         text, event, seen = self._reply_text(), self._register(every_token=True), 0
@@ -368,3 +359,23 @@ class RequestHandle:
         if isinstance(self._value, BaseException):
             raise self._value
         return self._value
+
+
+async def discard_all(handles: list[RequestHandle]) -> None:
+    """Abort the requests and wait for their ends; a sequence one handed over before its abort reached it goes
+    back. For a caller that will not take the outcomes. A cancellation of the waiting task meanwhile is raised
+    once every one has ended: never before, or a sequence would be lost; never swallowed."""
+    for handle in handles:
+        handle.abort()
+    cancelled = None
+    while not all(handle.done for handle in handles):  # the aborts are on their way: each ends within a step
+        try:
+            await asyncio.sleep(0.001)
+        except asyncio.CancelledError as e:
+            cancelled = e
+    for handle in handles:
+        seq = getattr(handle._value, "seq", None)
+        if seq is not None:
+            seq.release()
+    if cancelled is not None:
+        raise cancelled

@@ -10,10 +10,11 @@ while the batch stays the same. When a request joins or leaves, the buffers are 
 view of every row, and the tokens and stop flags only the device knows are carried over by a gather. Padding rows
 write into the pool's scratch page, which no sequence owns; their logits are never read.
 
-A short text chunk (a speculation's drafts to check, a round's first draft step, a short prompt) runs in the same
-shape: one row per token, every row on the sequence's block table at its own length, in buffers of its own. So it
-replays a graph too, where a prefill would launch every kernel of the model from the host, at the cost of reading
-the sequence's keys and values once per row.
+Where steps replay graphs, a short text chunk (a speculation's drafts to check, a round's first draft step, a short
+prompt) runs in the same shape: one row per token, every row on the sequence's block table at its own length, in
+buffers of its own. So it replays a graph too, where a prefill would launch every kernel of the model from the
+host, at the cost of reading the sequence's keys and values once per row. (On the CPU, without graphs, the
+prefill is cheaper: `chunk_rows` is 0 there.)
 
 A shape's first step runs eagerly on the capture stream, its second is captured; a capture that fails leaves that
 shape eager, with a warning. TANDEM_CUDA_GRAPHS=0 (EngineConfig.cuda_graphs) turns graphs off.
@@ -79,6 +80,8 @@ class ModelRunner:
         self._with_mass = False
         self._capture_stream: torch.cuda.Stream | None = None
         self._graph_pool = None
+        # The longest text chunk run as decode rows: only where steps replay graphs (on the CPU a prefill costs less).
+        self.chunk_rows = ROWS_CHUNK if self.graphable() else 0
 
     # ---- prefill ----------------------------------------------------------------------------------------------
     def prefill(self, request: Request, start: int, end: int) -> torch.Tensor | None:
@@ -87,8 +90,7 @@ class ModelRunner:
         prompt_logits), else None."""
         prompt, seq = request.prompt, request.seq
         n, device = end - start, self.device
-        ids = prompt.token_ids[start:end]
-        ids = ids.to(device) if isinstance(ids, torch.Tensor) else to_device(ids, torch.long, device)
+        ids = _on(prompt.token_ids[start:end], torch.long, device)
         image_embeds, visual = None, None
         if request.vision is not None:
             before = sum(1 for t in prompt.token_ids[:start] if t == self.model.config.image_token_id)
@@ -98,7 +100,7 @@ class ModelRunner:
                 image_embeds = request.vision.embeds[before : before + count]
                 visual = VisualTokens(mask, [f[before : before + count] for f in request.vision.deepstack])
         positions = prompt.positions[:, start:end]
-        if image_embeds is None and n <= ROWS_CHUNK and _continuing(positions, seq.length + prompt.rope_delta):
+        if image_embeds is None and n <= self.chunk_rows and _continuing(positions, seq.length + prompt.rope_delta):
             logits = self._prefill_rows(seq, ids, prompt.rope_delta)
             return logits if request.prompt_logits else logits[-1:] if end == len(prompt) else None
         # Every input goes up through pinned memory, in stream order: a prefill never waits for the steps queued before it.
@@ -109,11 +111,7 @@ class ModelRunner:
             cu_query_lens=to_device([0, n], torch.int32, device),
             max_query_len=n,
         )
-        positions = positions.to(device) if positions.device.type == device.type else to_device(
-            positions.tolist(), torch.long, device)
-        if device.type == "cuda":  # ids / positions written on the caller's stream (a transfer stage's suffix):
-            for t in (ids, positions):  # their memory must outlive this stream's reads, even if it is cancelled
-                t.record_stream(torch.cuda.current_stream(device))
+        positions = _on(positions, torch.long, device)
         with use_backend(self.kernel_backend):
             hidden = self.model(ids, positions, self.pool.kv, meta, image_embeds, visual)
         if request.prompt_logits:
@@ -313,9 +311,19 @@ class ModelRunner:
         return buf
 
 
+def _on(values: list | torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A prompt's ids or positions on the device. A tensor already there was written on the caller's stream (a
+    transfer stage's suffix): its memory must outlive this stream's reads of it, even if the caller is cancelled."""
+    if not isinstance(values, torch.Tensor) or values.device.type != device.type:
+        return to_device(values if isinstance(values, list) else values.tolist(), dtype, device)
+    if device.type == "cuda":
+        values.record_stream(torch.cuda.current_stream(device))
+    return values
+
+
 def _continuing(positions: torch.Tensor, start: int) -> bool:
     """Are these [3, n] M-RoPE positions a text run from `start` on, as a decode step computes them? (Checked on the
-    host only: positions already on the device, a transfer's, take the prefill.)"""
+    host only: positions already on the device take the prefill.)"""
     if positions.device.type != "cpu":
         return False
     return torch.equal(positions, torch.arange(start, start + positions.shape[1]).expand(3, -1))

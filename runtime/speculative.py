@@ -1,6 +1,7 @@
 """Speculative decoding: a draft engine proposes k tokens, the target engine checks them in one forward of k + 1
-positions over its paged cache (for k + 1 <= 16, a decode-shaped step of one row per position: the runner's short
-chunks) and keeps the longest prefix it agrees with, plus one token of its own.
+positions over its paged cache (where decode steps replay CUDA graphs and k + 1 <= 16, a decode-shaped step of
+one row per position: the runner's short chunks) and keeps the longest prefix it agrees with, plus one token of
+its own.
 
 Each engine prefills the prompt into a sequence of the generation's own, admitted with the cache room of the
 whole reply (`room`, as much as a plain request of max_tokens holds), and keeps it between rounds. Each round
@@ -13,10 +14,10 @@ holds back those behind it that need pages), so a speculation waiting for its se
 that ends.
 
 Greedy, the output is the target's own greedy output, token for token (on CUDA up to the rounding that differs
-between a step of one row and one of k + 1, as between batch sizes). Sampled, the draft draws each token from its filtered distribution q (one prefill per token,
-its logits kept) and the standard rejection rule (`accept_drafts`) keeps the output distributed as the target's
-own sampling. Stop ids and stop strings end the reply inside a round as they end a plain one; the text streams
-round by round.
+between a step of one row and one of k + 1, as between batch sizes). Sampled, the draft draws each token from its
+filtered distribution q (one prefill per token, its logits kept) and the standard rejection rule (`accept_drafts`)
+keeps the output distributed as the target's own sampling. Stop ids and stop strings end the reply inside a round as
+they end a plain one; the text streams round by round.
 
 k adapts within [1, k_max]: after a round whose drafts were all kept it grows by one, after one that kept fewer
 than half it shrinks by one.
@@ -36,7 +37,7 @@ from tandem.models.errors import InputError
 from tandem.models.prompt import Prompt
 from tandem.runtime.kv_cache import Sequence, release_all
 from tandem.runtime.reply_text import ReplyText
-from tandem.runtime.request import GenerateOutput, RequestHandle
+from tandem.runtime.request import GenerateOutput, RequestHandle, discard_all
 from tandem.runtime.sampling import SamplingParams, filtered_probs
 
 _POSTING = threading.Lock()  # every speculation's two first requests, posted as one
@@ -44,11 +45,13 @@ _POSTING = threading.Lock()  # every speculation's two first requests, posted as
 
 async def speculate(target, draft, target_prompt: Prompt, draft_prompt: Prompt, params: SamplingParams, k_max: int,
                     target_parent: Sequence | None = None, draft_parent: Sequence | None = None,
-                    on_text: Callable[[str], None] | None = None) -> GenerateOutput:
+                    on_text: Callable[[str], None] | None = None,
+                    ready: torch.cuda.Event | None = None) -> GenerateOutput:
     """The `target` engine's generation for `target_prompt` (after `target_parent`), drafted by the `draft` engine
     from `draft_prompt` (the same tokens at the draft's positions, after `draft_parent`). `params`: the target's,
-    resolved. on_text(piece) gets the reply's text as it settles (as a stream shows it). Every sequence it takes
-    goes back when it ends, however it ends."""
+    resolved. on_text(piece) gets the reply's text as it settles (as a stream shows it). `ready`: the event after
+    the prompts' ids where they are a device tensor (both engines wait for it). Every sequence it takes goes back
+    when it ends, however it ends."""
     check_speculation(target, draft, params, k_max)
     stop_ids = target.stop_ids(params)
     prompt_ids = target_prompt.token_ids if isinstance(target_prompt.token_ids, list) else []
@@ -78,9 +81,9 @@ async def speculate(target, draft, target_prompt: Prompt, draft_prompt: Prompt, 
         # Both prefill the prompt; the target's first token is the first output token, the draft's is not used.
         with _POSTING:
             flying.append(target.submit_stage(target_parent, target_prompt, dataclasses.replace(params, max_tokens=1),
-                                              keep_sequence=True, room=room))
+                                              keep_sequence=True, room=room, ready=ready))
             flying.append(draft.submit_stage(draft_parent, draft_prompt, _greedy(draft, 1), keep_sequence=True,
-                                             room=room))
+                                             room=room, ready=ready))
         start, primed = await _take(flying[0], flying, held), await _take(flying[-1], flying, held)
         first_at = time.perf_counter()
         seq_t, seq_d, timings = start.seq, primed.seq, dataclasses.replace(start.timings)
@@ -121,9 +124,10 @@ async def speculate(target, draft, target_prompt: Prompt, draft_prompt: Prompt, 
             elif 2 * accepted < len(drafts):
                 size = max(1, size - 1)
     finally:
-        for handle in list(flying):  # first: a request still running may be writing into a held sequence
-            await handle.discard_async()
-        release_all(held)
+        try:
+            await discard_all(flying)  # first: a request still running may be writing into a held sequence
+        finally:
+            release_all(held)
     timings.output_tokens, timings.decode_s = len(tokens), time.perf_counter() - first_at
     tail = reply.finish()
     if on_text is not None and tail:

@@ -38,8 +38,8 @@ class Prompts:
 @dataclass(frozen=True)
 class Budget:
     """Output tokens per stage kind, and the sampling every stage uses (greedy by default, for reproducibility).
-    ignore_eos forces every stage to its full length (latency studies). speculative=k: the large model's answer
-    and reasoning stages are drafted by the small model, up to k tokens at a time (0: off)."""
+    ignore_eos forces every stage to its full length (latency studies). speculative=k: the large model's stages
+    (answer, reasoning, transfer) are drafted by the small model, up to k tokens at a time (0: off)."""
 
     short_tokens: int = 16
     reason_tokens: int = 512

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 
 import pytest
@@ -116,6 +118,35 @@ def test_abandoned_stream_releases_its_pages(engine, messages):
     assert engine.pool.pages_in_use > 0
     stream.close()
     assert wait_for(lambda: engine.pool.pages_in_use == 0)
+
+
+def test_a_discard_cancelled_meanwhile_waits_for_the_end_then_raises_the_cancel(engine, messages):
+    """discard_async waits for the aborted request's end whatever cancels its task meanwhile (a sequence handed
+    over before the abort would otherwise be lost), then raises the cancellation instead of swallowing it. The
+    engine's loop is held inside the request's prefill (a hook on the model) while the task is cancelled."""
+    entered, go = threading.Event(), threading.Event()
+    hook = engine.model.register_forward_pre_hook(lambda *_: (entered.set(), go.wait(30)) and None)
+
+    async def run():
+        handle = engine.submit(messages, GREEDY)
+        assert await asyncio.to_thread(entered.wait, 30)
+        task = asyncio.ensure_future(handle.discard_async())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        assert not task.done() and not handle.done  # the abort waits for the step the loop is in
+        go.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert handle.done
+
+    try:
+        asyncio.run(run())
+    finally:
+        go.set()
+        hook.remove()
+    assert wait_for(lambda: engine.pool.pages_in_use == 0)
+    assert len(engine.generate(messages, GREEDY).token_ids) == 12
 
 
 def test_the_callers_code_between_streamed_pieces_is_not_in_inference_mode(engine, messages):

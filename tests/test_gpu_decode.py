@@ -124,12 +124,14 @@ def test_cuda_graphs_off_by_environment(tiny_8b, monkeypatch):
 def test_short_chunks_replay_graphs_equal_to_eager_steps(tiny_8b):
     """A text chunk of at most 16 tokens (a speculation's check of its drafts) runs as a decode-shaped step, one
     row per token: its first run of a shape is eager, its second is captured, later ones replay. Chunks of 3 and
-    5 tokens after an image prompt, each run 3 times on the same context, give the very logits eager steps give,
-    and a speculation self-drafted through them gives the tokens it gives without graphs."""
+    5 tokens after an image prompt, each run 3 times on the same context, give the very logits the same rows give
+    run eagerly, and a speculation self-drafted through them gives the tokens it gives without graphs."""
     ids = [9707, 11, 1246, 525, 498]
     logits, drafted = {}, {}
     for graphs in (False, True):
         engine = engine_for(tiny_8b, cuda_graphs=graphs)
+        assert engine.runner.chunk_rows == (16 if graphs else 0)
+        engine.runner.chunk_rows = 16  # without graphs too: the same rows, eager
         prompt = engine.prepare(MESSAGES)
         seq = engine.submit_prefix(prompt).result().seq
         runs = []
@@ -144,6 +146,7 @@ def test_short_chunks_replay_graphs_equal_to_eager_steps(tiny_8b):
             engine.release(seq)
         logits[graphs] = runs
         chunk_graphs = [g for buf in engine.runner._chunk_buffers.values() for g in buf.graphs.values()]
+        assert engine.runner._chunk_buffers
         assert (len(chunk_graphs) == 2 and all(chunk_graphs)) if graphs else not chunk_graphs
         drafted[graphs] = engine.generate(MESSAGES, PARAMS["greedy"], draft=engine, speculative=3).token_ids
         assert engine.pool.pages_in_use == 0

@@ -21,6 +21,7 @@ from tandem.runtime import Budget, Engine, SamplingParams, Tandem
 from tandem.runtime import engine as engine_module
 from tandem.runtime import loop as loop_module
 from tandem.runtime import pipeline, speculative
+from tandem.runtime import request as request_module
 from tandem.runtime.engine import Engine as _Engine
 from tandem.runtime.kv_cache import PagePool, Sequence, release_all
 from tandem.runtime.loop import Loop
@@ -37,11 +38,12 @@ CALLER_CODE = [_Engine.generate, _Engine.generate_batch, _Engine.stream, _Engine
                RequestHandle._reply_text, ReplyText.add, ReplyText.finish, RequestHandle.abort]
 PAIR_CODE = [Tandem.answer, Tandem.answer_async, Tandem._run_policy, Tandem._stage, Tandem._prefix,
              Tandem._build_prefix, Tandem._release, Tandem._transfer, Tandem._reason, Tandem._short, pipeline._all,
-             RequestHandle.handover_async, RequestHandle.result_async, RequestHandle.stream_async]
+             RequestHandle.handover_async, RequestHandle.result_async, RequestHandle.stream_async,
+             RequestHandle.discard_async, request_module.discard_all]
 SPECULATIVE_CODE = [speculative.speculate, speculative._take, speculative._draw_drafts, speculative.accept_drafts,
                     speculative._after, _Engine._drafted, _Engine.generate_async,
                     _Engine.stream_async, engine_module._speculative_stream, loop_module.iterate,
-                    RequestHandle.discard_async, RequestHandle.result_async]
+                    RequestHandle.discard_async, request_module.discard_all, RequestHandle.result_async]
 
 
 class Interrupter:

@@ -105,12 +105,13 @@ def test_messages_equal_prompt_token_ids(case):
 
 
 def test_short_chunks_after_the_prompt_match_transformers(case):
-    """Chunks of at most 16 text tokens run as one decode-shaped step, one row per token (the runner's short-chunk
-    path): after the prompt in the cache, chunks of 1, 3, 5 and 16 tokens give the logits transformers gives for
-    those positions of the whole sequence. Every cache slot no sequence holds is NaN first: a row that reads past
-    its own tokens turns its logits into NaN."""
+    """Where decode steps replay CUDA graphs, a chunk of at most 16 text tokens runs as one decode-shaped step, one
+    row per token (the runner's short chunks; forced here on the CPU): after the prompt in the cache, chunks of 1,
+    3, 5 and 16 tokens give the logits transformers gives for those positions of the whole sequence. Every cache
+    slot no sequence holds is NaN first: a row that reads past its own tokens turns its logits into NaN."""
     engine = case.engine
-    assert engine.pool.pages_in_use == 0
+    assert engine.pool.pages_in_use == 0 and engine.runner.chunk_rows == 0
+    engine.runner.chunk_rows = 16
     engine.pool.kv[:, :, [p for p in range(engine.pool.num_pages) if p != engine.pool.scratch_page]] = float("nan")
     prompt = engine.prepare(case.messages)
     seq = engine.submit_prefix(prompt).result().seq
@@ -123,6 +124,8 @@ def test_short_chunks_after_the_prompt_match_transformers(case):
             start += n
     finally:
         engine.release(seq)
+        engine.runner.chunk_rows = 0
+    assert engine.runner._chunk_buffers  # the rows ran
     with torch.no_grad():
         ref = case.reference(**case.reference_kwargs(case.ids + extra.tolist())).logits[0, len(case.ids):]
     ours = torch.cat(ours)

@@ -82,6 +82,20 @@ def test_a_draft_that_agrees_now_and_then_changes_no_token(large, near, messages
     assert no_pages(large, near)
 
 
+def test_rounds_run_as_decode_rows_change_no_token(large, near, messages, reference):
+    """Where decode steps replay CUDA graphs, a round's check and the draft's first step run as decode rows (the
+    runner's short chunks, one row per token); forced here on the CPU: the same tokens."""
+    saved = large.runner.chunk_rows, near.runner.chunk_rows
+    large.runner.chunk_rows = near.runner.chunk_rows = 16
+    try:
+        out = large.generate(messages, GREEDY, draft=near, speculative=3)
+    finally:
+        large.runner.chunk_rows, near.runner.chunk_rows = saved
+    assert out.token_ids == reference and 0 < out.timings.accepted < out.timings.drafted
+    assert large.runner._chunk_buffers and near.runner._chunk_buffers  # the rows ran
+    assert no_pages(large, near)
+
+
 @pytest.mark.parametrize("k", [1, 3, 8])
 def test_a_draft_that_always_agrees_gives_k_plus_one_tokens_per_forward(large, messages, reference, k):
     out = large.generate(messages, GREEDY, draft=large, speculative=k)
@@ -270,22 +284,29 @@ def test_truncating_a_sequence_keeps_its_pages_for_the_tokens_that_replace_the_c
     assert pool.pages_in_use == 0
 
 
-@pytest.mark.parametrize("policy", ["large-reason", "large", "verify"])
-def test_the_pairs_large_stages_drafted_by_the_small_model_are_unchanged(large, small, policy):
+@pytest.mark.parametrize("policy, keep", [("large-reason", "all"), ("large", "all"), ("verify", "all"),
+                                          ("transfer", "all"), ("verify", "attention")])
+def test_the_pairs_large_stages_drafted_by_the_small_model_are_unchanged(large, small, policy, keep):
+    """Every large-model stage runs drafted, the transfer too (its suffix, the kept reasoning ids, is a device
+    tensor both models read); on the tiny models verify's answers disagree, so its transfer stage runs."""
     image, question = random_image(64, 80, seed=5), "What is in the picture?"
-    plain = Tandem(large, small, budget=Budget(short_tokens=8, reason_tokens=40)).answer(image, question, policy)
+    plain = Tandem(large, small, budget=Budget(short_tokens=8, reason_tokens=40)).answer(image, question, policy, keep)
     pair = Tandem(large, small, budget=Budget(short_tokens=8, reason_tokens=40, speculative=3))
     pieces = {}
-    drafted = pair.answer(image, question, policy, on_text=lambda *p: pieces.setdefault(p[:2], []).append(p[2]))
+    drafted = pair.answer(image, question, policy, keep,
+                          on_text=lambda *p: pieces.setdefault(p[:2], []).append(p[2]))
+    assert [s.role for s in drafted.stages] == [s.role for s in plain.stages]
+    assert policy not in ("transfer", "verify") or drafted.stages[-1].role == "transfer"
     assert [s.output_ids for s in drafted.stages] == [s.output_ids for s in plain.stages]
+    assert [s.kept_indices for s in drafted.stages] == [s.kept_indices for s in plain.stages]
     assert {(s.model, s.role): s.text for s in drafted.stages} == {key: "".join(p) for key, p in pieces.items()}
     if policy == "large-reason":  # 40 tokens drafted 3 at a time: the reasoning streams in several pieces
         assert len(pieces["large", "reason"]) > 1
     assert drafted.answer == plain.answer
     for stage in drafted.stages:
         t = stage.timings
-        if stage.model == "large" and stage.role != "transfer":  # drafted: every token is a kept draft or the
-            assert t.verify_forwards > 0 and t.verify_forwards + t.accepted == len(stage.output_ids) - 1  # target's
+        if stage.model == "large":  # drafted: every token is a kept draft or the target's own
+            assert t.verify_forwards > 0 and t.verify_forwards + t.accepted == len(stage.output_ids) - 1
         else:
             assert t.drafted == t.verify_forwards == 0
     assert no_pages(large, small)
