@@ -363,19 +363,21 @@ class RequestHandle:
 
 async def discard_all(handles: list[RequestHandle]) -> None:
     """Abort the requests and wait for their ends; a sequence one handed over before its abort reached it goes
-    back. For a caller that will not take the outcomes. A cancellation of the waiting task meanwhile is raised
-    once every one has ended: never before, or a sequence would be lost; never swallowed."""
+    back. For a caller that will not take the outcomes. A cancellation, or a Ctrl-C, that comes meanwhile is
+    raised once every one has ended: never before (a request still running may write into a sequence its caller
+    would give back), never swallowed."""
     for handle in handles:
         handle.abort()
-    cancelled = None
+    pending: BaseException | None = None
     while not all(handle.done for handle in handles):  # the aborts are on their way: each ends within a step
         try:
             await asyncio.sleep(0.001)
-        except asyncio.CancelledError as e:
-            cancelled = e
+        except BaseException as e:  # noqa: BLE001 - raised below
+            if pending is None or isinstance(pending, asyncio.CancelledError):  # a Ctrl-C outranks a cancel
+                pending = e
     for handle in handles:
         seq = getattr(handle._value, "seq", None)
         if seq is not None:
             seq.release()
-    if cancelled is not None:
-        raise cancelled
+    if pending is not None:
+        raise pending

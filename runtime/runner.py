@@ -261,7 +261,8 @@ class ModelRunner:
         except Exception as e:  # Triton's errors are not all RuntimeErrors
             torch.cuda.set_stream(current)  # a failed capture_end leaves the capture stream current
             rows, width = buf.block_table.shape
-            warnings.warn(f"capturing the decode step of {rows} rows x {width} pages as a CUDA graph failed, so that "
+            kind = "decode step" if any(b is buf for b in self._buffers.values()) else "short-chunk step"
+            warnings.warn(f"capturing the {kind} of {rows} rows x {width} pages as a CUDA graph failed, so that "
                           f"shape runs without one (TANDEM_CUDA_GRAPHS=0 turns graphs off): {e}", RuntimeWarning,
                           stacklevel=3)
             buf.graphs[with_mass] = None
@@ -293,7 +294,8 @@ class ModelRunner:
             return implementation(self.device) == "triton"
 
     def _allocate(self, rows: int, width: int, shapes: dict) -> _Buffers:
-        device, slots = self.device, width * self.pool.page_size
+        """A step shape's buffers, kept in `shapes` (short chunks sum no key mass: their mass buffers hold no slot)."""
+        device, slots = self.device, width * self.pool.page_size if shapes is self._buffers else 0
         buf = _Buffers(
             block_table=torch.zeros(rows, width, dtype=torch.int32, device=device),
             length=torch.zeros(rows, dtype=torch.long, device=device),

@@ -3,6 +3,7 @@ cannot be captured. Marked `gpu`: skipped where no CUDA device is present (see c
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -122,16 +123,17 @@ def test_cuda_graphs_off_by_environment(tiny_8b, monkeypatch):
 
 
 def test_short_chunks_replay_graphs_equal_to_eager_steps(tiny_8b):
-    """A text chunk of at most 16 tokens (a speculation's check of its drafts) runs as a decode-shaped step, one
-    row per token: its first run of a shape is eager, its second is captured, later ones replay. Chunks of 3 and
-    5 tokens after an image prompt, each run 3 times on the same context, give the very logits the same rows give
-    run eagerly, and a speculation self-drafted through them gives the tokens it gives without graphs."""
+    """Where steps replay graphs, a text chunk of at most 16 tokens (a speculation's check of its drafts) runs as a
+    decode-shaped step, one row per token: a shape's first run is eager, its second is captured, later ones replay.
+    Chunks of 3 and 5 tokens after an image prompt, each run 3 times on the same context, give the logits the same
+    rows give run eagerly, and those of a prefill up to bfloat16 rounding; a speculation self-drafted through them
+    gives the tokens it gives with eager rows."""
     ids = [9707, 11, 1246, 525, 498]
     logits, drafted = {}, {}
-    for graphs in (False, True):
-        engine = engine_for(tiny_8b, cuda_graphs=graphs)
-        assert engine.runner.chunk_rows == (16 if graphs else 0)
-        engine.runner.chunk_rows = 16  # without graphs too: the same rows, eager
+    for mode in ("prefill", "eager rows", "graph rows"):
+        engine = engine_for(tiny_8b, cuda_graphs=mode == "graph rows")
+        assert engine.runner.chunk_rows == (16 if mode == "graph rows" else 0)
+        engine.runner.chunk_rows = 0 if mode == "prefill" else 16
         prompt = engine.prepare(MESSAGES)
         seq = engine.submit_prefix(prompt).result().seq
         runs = []
@@ -144,11 +146,33 @@ def test_short_chunks_replay_graphs_equal_to_eager_steps(tiny_8b):
                 seq.truncate(start)
         finally:
             engine.release(seq)
-        logits[graphs] = runs
+        logits[mode] = runs
         chunk_graphs = [g for buf in engine.runner._chunk_buffers.values() for g in buf.graphs.values()]
-        assert engine.runner._chunk_buffers
-        assert (len(chunk_graphs) == 2 and all(chunk_graphs)) if graphs else not chunk_graphs
-        drafted[graphs] = engine.generate(MESSAGES, PARAMS["greedy"], draft=engine, speculative=3).token_ids
+        assert bool(engine.runner._chunk_buffers) == (mode != "prefill")
+        assert (len(chunk_graphs) == 2 and all(chunk_graphs)) if mode == "graph rows" else not chunk_graphs
+        if mode != "prefill":
+            drafted[mode] = engine.generate(MESSAGES, PARAMS["greedy"], draft=engine, speculative=3).token_ids
         assert engine.pool.pages_in_use == 0
-    assert all(torch.equal(a, b) for a, b in zip(logits[False], logits[True]))
-    assert drafted[True] == drafted[False]
+    for eager, graph, prefill in zip(logits["eager rows"], logits["graph rows"], logits["prefill"]):
+        scale = prefill.abs().max().item()
+        torch.testing.assert_close(graph, eager, rtol=0, atol=1e-3 * scale)
+        torch.testing.assert_close(graph, prefill, rtol=0, atol=3e-2 * scale)
+    assert drafted["graph rows"] == drafted["eager rows"]
+
+
+def test_a_drafted_transfer_reads_its_device_suffix_on_both_engines(tiny_8b, tiny_2b):
+    """On CUDA the transfer stage's suffix (the kept reasoning ids spliced into its template) is a device tensor
+    written on the caller's stream; drafted, both engines read it behind one event. The stage gets the suffix and
+    the first token the plain run gets, runs drafted to its full length, and every page comes back."""
+    from tandem.runtime import Budget, Tandem
+
+    large, small = engine_for(tiny_8b), engine_for(tiny_2b)
+    budget = Budget(short_tokens=12, reason_tokens=24, temperature=0.0, ignore_eos=True, speculative=3)
+    image = random_image(224, 224, seed=1)
+    plain, drafted = (Tandem(large, small, budget=b).answer(image, "What is shown?", policy="transfer").stages[-1]
+                      for b in (dataclasses.replace(budget, speculative=0), budget))
+    assert drafted.role == plain.role == "transfer" and drafted.suffix_ids == plain.suffix_ids
+    assert drafted.output_ids[0] == plain.output_ids[0] and len(drafted.output_ids) == 12
+    t = drafted.timings
+    assert t.verify_forwards > 0 and t.verify_forwards + t.accepted == 11
+    assert large.pool.pages_in_use == small.pool.pages_in_use == 0
