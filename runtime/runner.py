@@ -72,7 +72,7 @@ class ModelRunner:
         self.device = pool.kv.device
         self.vocab = model.config.text.vocab_size
         self._buffers: dict[tuple[int, int], _Buffers] = {}  # the decode batch's step shapes
-        self._chunk_buffers: dict[tuple[int, int], _Buffers] = {}  # short chunks' (their own: the batch's carry state)
+        self._chunk_buffers: dict[tuple[int, int], _Buffers] = {}  # short chunks' (apart: the batch's carry its state)
         self._batch: list[Request] = []  # the decode batch in row order
         self._buf: _Buffers | None = None
         self._rows: SamplingRows | None = None
