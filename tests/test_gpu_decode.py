@@ -126,8 +126,8 @@ def test_short_chunks_replay_graphs_equal_to_eager_steps(tiny_8b):
     """Where steps replay graphs, a text chunk of at most 16 tokens (a speculation's check of its drafts) runs as a
     decode-shaped step, one row per token: a shape's first run is eager, its second is captured, later ones replay.
     Chunks of 3 and 5 tokens after an image prompt, each run 3 times on the same context, give the logits the same
-    rows give run eagerly, and those of a prefill up to bfloat16 rounding; a speculation self-drafted through them
-    gives the tokens it gives with eager rows."""
+    rows give run eagerly, and those of a prefill up to bfloat16 rounding; a replay runs with no host sync; a
+    speculation self-drafted through them gives the tokens it gives with eager rows."""
     ids = [9707, 11, 1246, 525, 498]
     logits, drafted = {}, {}
     for mode in ("prefill", "eager rows", "graph rows"):
@@ -144,6 +144,14 @@ def test_short_chunks_replay_graphs_equal_to_eager_steps(tiny_8b):
                 out.ready.synchronize()
                 runs.append(out.logits)
                 seq.truncate(start)
+            if mode == "graph rows":  # a replayed chunk never waits for the device on the host
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    out = engine.submit_verify(seq, Prompt.continuing(ids, seq.length, prompt.rope_delta)).result()
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+                out.ready.synchronize()
+                assert torch.equal(out.logits, runs[-1])
         finally:
             engine.release(seq)
         logits[mode] = runs
