@@ -412,8 +412,7 @@ class Engine:
         if request.phase is Phase.DONE:
             return
         if request.key_mass and request.mass is not None and request.phase is Phase.DECODE and error is None:
-            if request in self.runner._batch:
-                self.runner.flush_mass(request)
+            self.runner.flush_mass(request)
         self.scheduler.remove(request)
         self._requests.pop(request.id, None)
         value: object = error
@@ -422,15 +421,13 @@ class Engine:
             timings.output_tokens, timings.decode_steps = len(request.tokens), request.fed
             for name, span in request.spans:  # device-timed: their work is done once the request's tokens are read
                 setattr(timings, name, getattr(timings, name) + span.seconds())
-            if error is not None:
-                pass
-            elif request.params is None:
+            if error is None and request.params is None:
                 value = Prefill(request.seq if request.keep_sequence else None,
                                 torch.cat(request.logits) if request.prompt_logits else None, timings,
                                 request.vision_cache_hit)
                 if value.logits is not None:
                     value.best = value.logits.argmax(dim=-1)
-            else:
+            elif error is None:
                 value = request.output(self.tokenizer)
                 value.seq = request.seq if request.keep_sequence else None
             if error is None and self._stream is not None and (request.prompt_logits or request.key_mass):

@@ -161,8 +161,10 @@ class ModelRunner:
 
     def flush_mass(self, request: Request) -> None:
         """Add the key mass the batch gathered for `request` to request.mass (its row's sum since the batch last
-        changed), and zero it there."""
-        row = next(i for i, r in enumerate(self._batch) if r is request)
+        changed), and zero it there. A request not in the batch has gathered none since it last left it."""
+        row = next((i for i, r in enumerate(self._batch) if r is request), None)
+        if row is None:
+            return
         n = min(request.mass.shape[0], self._buf.key_mass.shape[1])
         request.mass[:n] += self._buf.key_mass[row, :n]
         self._buf.key_mass[row].zero_()
