@@ -33,7 +33,7 @@ def add_command(commands: argparse._SubParsersAction) -> None:
                             "reasoning tokens, tiny models unless --preset / --pair say otherwise")
     bench.add_argument("--repeats", type=int, help="timed runs per configuration, after one warm-up (default 3)")
     bench.add_argument("--parts", type=_bench_parts, metavar="PART,...",
-                       help="a subset of decode,batch,concurrency,prefill,vision,profile,policies (default: all)")
+                       help="a subset of decode,batch,concurrency,prefill,vision,check,profile,policies (default: all)")
     bench.add_argument("--lengths", type=_int_list, metavar="L,...", help="output lengths (default 1,2,4,...,1024)")
     bench.add_argument("--image-sizes", type=_int_list, metavar="PX,...",
                        help="square image sides (default 224,448,...,1344)")
@@ -50,6 +50,10 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--concurrency-repeats", type=int,
                        help="timed runs per level of the concurrency part (default: --repeats): one at a time, "
                             "its C requests decode one after another")
+    bench.add_argument("--check-contexts", type=_int_list, metavar="L,...",
+                       help="context lengths of the check part (default 256,1024,4096; 64,256 with --quick)")
+    bench.add_argument("--check-tokens", type=_int_list, metavar="N,...",
+                       help="chunk sizes of the check part, at most 16 (default 1,2,4,8,16; 1,4 with --quick)")
     bench.add_argument("--profile-steps", type=int, help="decode steps the profile part traces (default 64)")
     bench.add_argument("--short-tokens", type=int, default=4, help="forced answer length of the policies (4)")
     bench.add_argument("--reason-tokens", type=int, help="forced reasoning length of the policies (default 256)")
@@ -97,7 +101,8 @@ def _bench(args: argparse.Namespace) -> int:
         quick=args.quick, repeats=args.repeats, lengths=args.lengths, image_sizes=args.image_sizes,
         prompt_lengths=args.prompt_lengths, batch_sizes=args.batch_sizes, batch_tokens=args.batch_tokens,
         concurrency=args.concurrency, concurrency_tokens=args.concurrency_tokens,
-        concurrency_repeats=args.concurrency_repeats, profile_steps=args.profile_steps,
+        concurrency_repeats=args.concurrency_repeats, check_contexts=args.check_contexts,
+        check_tokens=args.check_tokens, profile_steps=args.profile_steps,
         short_tokens=args.short_tokens, reason_tokens=args.reason_tokens,
         skip_hf=args.skip_hf, skip_compile=args.skip_compile, kernel_backend=args.kernel_backend, seed=args.seed)
     result = run_benchmark(settings, _bench_command(args), args.out, progress=not args.no_progress)
@@ -112,7 +117,8 @@ def _bench_command(args: argparse.Namespace) -> str:
     words = ["tandem", "bench"]
     for name in ("preset", "pair", "device", "dtype", "kernel_backend", "out", "repeats", "parts", "lengths",
                  "image_sizes", "prompt_lengths", "batch_sizes", "batch_tokens", "concurrency", "concurrency_tokens",
-                 "concurrency_repeats", "profile_steps", "short_tokens", "reason_tokens", "seed"):
+                 "concurrency_repeats", "check_contexts", "check_tokens", "profile_steps", "short_tokens",
+                 "reason_tokens", "seed"):
         value = getattr(args, name)
         if value is not None:
             words += [f"--{name.replace('_', '-')}", ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]

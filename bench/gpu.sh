@@ -14,7 +14,8 @@
 #   8b         tandem bench, Qwen3-VL-8B size, random weights: decode per token at 16 and 256 tokens beside
 #              transformers eager and the floor, the steps run past a stop, the decode step at batch 1 and 8,
 #              output tokens/s of 1, 8 and 32 requests of 32 tokens one at a time and at once, the first token
-#              with one 448x448 image, the profile of decode steps and of the first token             -> 8b.json
+#              with one 448x448 image, a speculation's check of 1-16 tokens after 256, 1024 and 4096 as decode
+#              rows and as a prefill, the profile of decode steps and of the first token             -> 8b.json
 #   2b         decode per token at 16 and 256 tokens beside transformers eager and the floor, and the
 #              concurrency part as in 8b                                                              -> 2b.json
 #   pair       every policy of the 8B + 2B pair, forced lengths, verify overlapped and sequential   -> pair.json
@@ -93,6 +94,7 @@ if [ $dry = 1 ]; then  # CPU, tiny models, short lists: every step of the script
     batch=(--batch-sizes 1,2 --batch-tokens 3 --profile-steps 2)
     concurrency=(--concurrency 1,3 --concurrency-tokens 4)
     forced=(--short-tokens 2 --reason-tokens 8)
+    check=(--check-contexts 32,64 --check-tokens 1,4)
 else
     pip_dry=()
     common=(--device cuda --repeats 3 --skip-compile)
@@ -100,12 +102,14 @@ else
     batch=(--batch-sizes 1,8)
     concurrency=(--concurrency 1,8,32 --concurrency-tokens 32 --concurrency-repeats 1)
     forced=(--short-tokens 4 --reason-tokens 256)
+    check=(--check-contexts 256,1024,4096 --check-tokens 1,2,4,8,16)
 fi
 
 # The GPU tests the numbers rest on, by node id (pytest fails on an id it cannot find). -k keeps bfloat16 only:
 # CUDA-graph decode == eager at batch 1, 3, 8; decode without a host sync, at most one step past a stop, a failed
-# capture falling back to eager, short chunks replayed as graph rows, a drafted transfer; Triton == torch end to end (generation, batch); overlapped verify == sequential;
-# device preprocessing == CPU; the kernels at real head sizes, then at odd ones.
+# capture falling back to eager, short chunks replayed as graph rows, a drafted transfer; Triton == torch end to
+# end (generation, batch); overlapped verify == sequential; device preprocessing == CPU; the kernels at real head
+# sizes, then at odd ones.
 gate_tests=(
     tests/test_gpu_model.py::test_cuda_graph_decode_equals_eager_decode
     tests/test_gpu_decode.py
@@ -149,8 +153,8 @@ main() {
     part versions 20 - python3 -c "$versions_py"
     part gpu-tests 100 "$outdir/gpu-tests.log" python3 -m pytest -q -rfEs -p no:cacheprovider "${gate_tests[@]}" \
         -k "not fp16 and not float32"
-    bench 8b 140 --preset $large --parts decode,batch,concurrency,vision,profile --lengths $lengths --image-sizes 448 \
-        "${batch[@]}" "${concurrency[@]}"
+    bench 8b 140 --preset $large --parts decode,batch,concurrency,vision,check,profile --lengths $lengths \
+        --image-sizes 448 "${batch[@]}" "${concurrency[@]}" "${check[@]}"
     bench 2b 60 --preset $small --parts decode,concurrency --lengths $lengths "${concurrency[@]}"
     bench pair 70 --pair $large,$small --parts policies "${forced[@]}"
     left=$((TOTAL - SECONDS - GRACE))

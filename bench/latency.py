@@ -55,6 +55,11 @@ Columns:
   request costs when the answers agree; random models rarely agree, so the transfer stage usually runs after it),
   and runs a second time with its two first stages one after the other ("verify (sequential)"): the gain of
   running them at once, each in its engine's loop (on a GPU, on two CUDA streams).
+- check (tandem.bench.check): what a speculation's check costs the target. For each context length L, a held
+  sequence of L random text ids; for each chunk size n, `Engine.submit_verify` of n random ids in place (logits at
+  every position), the device synchronised around it, then the n tokens cut off again: once with the runner's
+  chunk_rows = 16 (the chunk runs as one decode-shaped step of n rows, replaying a CUDA graph where decode steps
+  do) and once with chunk_rows = 0 (a prefill). ratio = rows / prefill; n = 1 is a decode step's work.
 - profile (tandem.bench.profiling): where the time goes, for a missed target. torch.profiler over
   profile_steps decode steps at batch 1 (with CUDA graphs and, on a GPU, without), and over one first-token request
   with one image of the policies' size: the top kernels (operators on the CPU) per step, device busy time vs wall.
@@ -77,6 +82,7 @@ from typing import Any
 import torch
 
 from tandem.bench.build import build_models, free_memory
+from tandem.bench.check import MODES, bench_check
 from tandem.bench.concurrency import bench_concurrency
 from tandem.bench.decode import STOP_CHECK_TOKENS, bench_batch, bench_decode, bench_decode_compiled, measure_floor
 from tandem.bench.latency_report import write_outputs
@@ -125,7 +131,8 @@ def run_benchmark(settings: BenchSettings, command: str, out_dir: Path | None = 
                     floor_ms = result["floor"]["ms_per_token"]
                     bar.step("copy bandwidth")
                 parts = {"decode": (bench_decode, floor_ms), "batch": (bench_batch, floor_ms),
-                         "concurrency": (bench_concurrency,), "prefill": (bench_prefill,), "vision": (bench_vision,)}
+                         "concurrency": (bench_concurrency,), "prefill": (bench_prefill,), "vision": (bench_vision,),
+                         "check": (bench_check,)}
                 for name, (part, *extra) in parts.items():
                     if name in s.parts:
                         result[name] = _measured(name, part, built, s, bar, *extra)
@@ -153,6 +160,7 @@ def _kv_tokens(s: BenchSettings) -> int:
                (max(s.image_sizes) // 32 + 2) ** 2 + 256,
                max(s.batch_sizes) * (s.decode_prompt_tokens + s.batch_tokens + DEFAULT_PAGE_SIZE),
                max(s.concurrency) * (s.decode_prompt_tokens + s.concurrency_tokens + DEFAULT_PAGE_SIZE),
+               max(s.check_contexts) + max(s.check_tokens) + DEFAULT_PAGE_SIZE,
                s.decode_prompt_tokens + s.profile_steps + 64,  # + the polls around the profile's window
                (s.policy_image_size // 32 + 2) ** 2 + 256)
 
@@ -177,6 +185,8 @@ def _planned_runs(s: BenchSettings) -> int:
         total += (1 + hf) * per_config * len(s.prompt_lengths)
     if "vision" in s.parts:
         total += (2 + hf) * per_config * len(s.image_sizes)
+    if "check" in s.parts:
+        total += len(MODES) * per_config * len(s.check_contexts) * len(s.check_tokens)
     if "profile" in s.parts:
         total += 3 if s.torch_device.type == "cuda" else 2  # decode with (and on a GPU without) graphs; first token
     if "policies" in s.parts:

@@ -61,7 +61,8 @@ def format_summary(result: dict) -> str:
                      f"(median of {len(f['copy_samples_ms'])} copies of {f['copy_bytes'] / 2**20:.0f} MiB) = "
                      f"{f['ms_per_token']:.4f} ms per token")
     tables = {"decode": _decode_table, "batch": _batch_table, "concurrency": _concurrency_table,
-              "prefill": _prefill_table, "vision": _vision_table, "profile": _profile_tables, "policies": _policy_table}
+              "prefill": _prefill_table, "vision": _vision_table, "check": _check_table, "profile": _profile_tables,
+              "policies": _policy_table}
     for part, table in tables.items():
         if part in result:
             failed = result[part].get("unavailable")
@@ -94,6 +95,21 @@ def _vision_table(result: dict) -> list[str]:
                      f"{_f(tandem['preprocess_ms'][i], 10)} | {_f(tandem['ms'][i], 9)} | "
                      f"{_f(None if 'unavailable' in hf else hf['ms'][i], 9)} | {_f(tandem['first_token_ms'][i], 11)}")
     return lines + _unavailable_notes(v["columns"])
+
+
+def _check_table(result: dict) -> list[str]:
+    c = result["check"]
+    rows = "decode rows, replayed as CUDA graphs" if c["graphs"] else "decode rows, eager"
+    default = c["default_chunk_rows"]
+    runs = f"chunks of at most {default} tokens as rows" if default else "every chunk as a prefill"
+    lines = [f"Speculation check: submit_verify of n tokens after L, ms, as {rows} vs as a prefill (the runner "
+             f"runs {runs} by default), on {_where(result)}",
+             f"{'L':>6} | {'n':>3} | {'rows':>9} | {'prefill':>9} | {'ratio':>6}"]
+    for i, length in enumerate(c["contexts"]):
+        for j, n in enumerate(c["tokens"]):
+            lines.append(f"{length:>6} | {n:>3} | {_f(c['columns']['rows']['ms'][i][j], 9, 3)} | "
+                         f"{_f(c['columns']['prefill']['ms'][i][j], 9, 3)} | {c['ratio'][i][j]:>5.2f}x")
+    return lines
 
 
 def _decode_table(result: dict) -> list[str]:

@@ -11,8 +11,9 @@ import torch
 from tandem.models.errors import InputError
 from tandem.models.tiny import PRESETS
 from tandem.runtime.config import parse_dtype
+from tandem.runtime.runner import ROWS_CHUNK
 
-PARTS = ("decode", "batch", "concurrency", "prefill", "vision", "profile", "policies")
+PARTS = ("decode", "batch", "concurrency", "prefill", "vision", "check", "profile", "policies")
 FULL_LENGTHS = tuple(2**i for i in range(11))  # 1 .. 1024 output tokens
 QUICK_LENGTHS = (1, 4, 16)
 FULL_IMAGE_SIZES = (224, 448, 672, 896, 1120, 1344)
@@ -28,6 +29,10 @@ FULL_CONCURRENCY = (1, 8, 32)
 TINY_CONCURRENCY = (1, 16)  # --quick or the CPU
 FULL_CONCURRENCY_TOKENS = 128
 QUICK_CONCURRENCY_TOKENS = 16
+FULL_CHECK_CONTEXTS = (256, 1024, 4096)
+QUICK_CHECK_CONTEXTS = (64, 256)
+FULL_CHECK_TOKENS = (1, 2, 4, 8, 16)
+QUICK_CHECK_TOKENS = (1, 4)
 FULL_PROFILE_STEPS = 64
 QUICK_PROFILE_STEPS = 8
 POLICY_IMAGE_SIZE = 448
@@ -53,6 +58,8 @@ class BenchSettings:
     concurrency: tuple[int, ...] | None = None  # the concurrency part's request counts
     concurrency_tokens: int | None = None
     concurrency_repeats: int | None = None  # default: repeats (its one-at-a-time runs cost C requests each)
+    check_contexts: tuple[int, ...] | None = None  # the check part's context lengths
+    check_tokens: tuple[int, ...] | None = None  # the check part's chunk sizes (a speculation's k + 1)
     profile_steps: int | None = None
     decode_prompt_tokens: int = DECODE_PROMPT_TOKENS
     short_tokens: int = 4
@@ -88,6 +95,8 @@ class BenchSettings:
         s.concurrency_tokens = s.concurrency_tokens or (
             QUICK_CONCURRENCY_TOKENS if s.quick else FULL_CONCURRENCY_TOKENS)
         s.concurrency_repeats = s.concurrency_repeats or s.repeats
+        s.check_contexts = tuple(s.check_contexts or (QUICK_CHECK_CONTEXTS if s.quick else FULL_CHECK_CONTEXTS))
+        s.check_tokens = tuple(s.check_tokens or (QUICK_CHECK_TOKENS if s.quick else FULL_CHECK_TOKENS))
         s.profile_steps = s.profile_steps or (QUICK_PROFILE_STEPS if s.quick else FULL_PROFILE_STEPS)
         s.copy_bytes = s.copy_bytes or COPY_BYTES["cuda" if device.type == "cuda" else "cpu-quick" if s.quick else "cpu"]
         s.parts = tuple(p for p in PARTS if p in s.parts)  # measurement order is fixed
@@ -104,10 +113,14 @@ class BenchSettings:
             raise InputError(f"no part to run; choose from {', '.join(PARTS)}")
         if self.repeats < 1 or self.concurrency_repeats < 1:
             raise InputError(f"repeats must be at least 1, got {self.repeats} and {self.concurrency_repeats}")
-        for name in ("lengths", "image_sizes", "prompt_lengths", "batch_sizes", "concurrency"):
+        for name in ("lengths", "image_sizes", "prompt_lengths", "batch_sizes", "concurrency", "check_contexts",
+                     "check_tokens"):
             values = getattr(self, name)
             if not values or any(not isinstance(v, int) or v < 1 for v in values):
                 raise InputError(f"{name} must be positive integers, got {list(values)}")
+        if max(self.check_tokens) > ROWS_CHUNK:
+            raise InputError(f"check_tokens go up to {ROWS_CHUNK}, the longest chunk run as decode rows; got "
+                             f"{max(self.check_tokens)}")
         if min(self.image_sizes) < 32 or self.policy_image_size < 32:
             raise InputError("image sizes must be at least 32 pixels")
         if self.short_tokens < 1 or self.reason_tokens < 1 or self.decode_prompt_tokens < 1:

@@ -17,10 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
-from tandem.bench.build import build_models, decode_weight_bytes, text_ids
+from tandem.bench.build import build_models, decode_weight_bytes, forced_greedy, text_ids
+from tandem.bench.check import bench_check
 from tandem.bench.latency_report import COLUMNS
 from tandem.bench.policies import _policy_summary
 from tandem.bench.settings import PARTS, BenchSettings
+from tandem.bench.timing import Progress
 from tandem.models.tiny import PRESETS, write_support_files
 from tandem.runtime.cli import main
 from tandem.runtime.pipeline import POLICIES
@@ -31,6 +33,7 @@ PROMPT_LENGTHS = [64, 160]
 BATCH_SIZES, BATCH_TOKENS = [1, 3], 5
 CONCURRENCY, CONCURRENCY_TOKENS, CONCURRENCY_REPEATS = [1, 4], 7, 3  # its own repeats: 3 against the others' 2
 PROFILE_STEPS = 16
+CHECK_CONTEXTS, CHECK_TOKENS = [40, 100], [1, 3]  # not the defaults
 SHORT, REASON = 3, 12  # not the defaults, so a forced length cannot be a coincidence
 ARGS = ["bench", "--quick", "--preset", "2b-like", "--pair", "8b-like,2b-like", "--device", "cpu", "--dtype", "float32",
         "--repeats", "2", "--lengths", ",".join(map(str, LENGTHS)), "--image-sizes", ",".join(map(str, IMAGE_SIZES)),
@@ -38,7 +41,8 @@ ARGS = ["bench", "--quick", "--preset", "2b-like", "--pair", "8b-like,2b-like", 
         "--reason-tokens", str(REASON), "--batch-sizes", ",".join(map(str, BATCH_SIZES)),
         "--batch-tokens", str(BATCH_TOKENS), "--concurrency", ",".join(map(str, CONCURRENCY)),
         "--concurrency-tokens", str(CONCURRENCY_TOKENS), "--concurrency-repeats", str(CONCURRENCY_REPEATS),
-        "--profile-steps", str(PROFILE_STEPS)]
+        "--profile-steps", str(PROFILE_STEPS), "--check-contexts", ",".join(map(str, CHECK_CONTEXTS)),
+        "--check-tokens", ",".join(map(str, CHECK_TOKENS))]
 
 
 def _run(args: list[str]) -> tuple[int, str]:
@@ -103,6 +107,8 @@ def test_every_measured_number_is_positive_and_finite(run):
                 continue
             if path.rsplit(".", 1)[-1] in ("drafted", "accepted", "verify_forwards"):  # counts, 0 without a draft
                 continue
+            if path == "check.default_chunk_rows":  # a setting: 0 where no graph replays
+                continue
             assert math.isfinite(value) and value > 0, (path, value)
             found += 1
     assert found > 200
@@ -165,6 +171,35 @@ def test_stop_check_counts_the_steps_run_past_a_stop(run):
     assert stop["finish_reason"] == "stop" and stop["output_tokens"] == stop["expected_tokens"] <= 4
     assert stop["steps_past_stop"] == stop["decode_steps"] - (stop["output_tokens"] - 1) >= 0
     assert f"{stop['steps_past_stop']} past the stop" in run["printed"]
+
+
+def test_check_times_both_ways_at_every_context_and_chunk(run):
+    check = run["data"]["check"]
+    assert check["contexts"] == CHECK_CONTEXTS and check["tokens"] == CHECK_TOKENS
+    assert check["graphs"] is False and check["default_chunk_rows"] == 0  # the CPU replays no graph: prefills
+    for mode in ("rows", "prefill"):
+        column = check["columns"][mode]
+        assert [len(row) for row in column["ms"]] == [len(CHECK_TOKENS)] * len(CHECK_CONTEXTS)
+        assert all(len(x) == 2 for row in column["samples_ms"] for x in row)  # the repeats, all kept
+    for i in range(len(CHECK_CONTEXTS)):
+        for j in range(len(CHECK_TOKENS)):
+            rows, prefill = check["columns"]["rows"]["ms"][i][j], check["columns"]["prefill"]["ms"][i][j]
+            assert check["ratio"][i][j] == pytest.approx(rows / prefill, rel=1e-12)
+    assert "Speculation check: submit_verify of n tokens after L" in run["printed"]
+
+
+def test_check_part_gives_back_its_pages_and_the_runners_setting(tmp_path):
+    """The part cuts every chunk off its held sequence, releases that sequence, and leaves chunk_rows as it was;
+    the engine then still answers as before."""
+    built = build_models("2b-like", torch.device("cpu"), torch.float32, 0, write_support_files(tmp_path), 512)
+    engine = built.engine
+    before = engine.generate(prompt_token_ids=text_ids(30, 2), sampling=forced_greedy(6)).token_ids
+    settings = BenchSettings(preset="2b-like", device="cpu", repeats=1, check_contexts=(33, 70),
+                             check_tokens=(2, 5)).resolve()
+    result = bench_check(built, settings, Progress(0, enabled=False))
+    assert engine.pool.free_pages == engine.pool.num_pages and engine.runner.chunk_rows == 0
+    assert result["contexts"] == [33, 70] and len(result["columns"]["rows"]["ms"][1]) == 2
+    assert engine.generate(prompt_token_ids=text_ids(30, 2), sampling=forced_greedy(6)).token_ids == before
 
 
 def test_verify_reports_its_verdict_time_and_the_sequential_run(run):
@@ -328,8 +363,8 @@ def test_summary_names_device_and_dtype_on_every_table(run):
     summary = (run["folder"] / "summary.txt").read_text()
     assert summary.splitlines()[0].startswith("Tandem latency benchmark on cpu (")
     titles = [line for line in summary.splitlines()
-              if line.startswith(("Decode", "Concurrent", "Prefill", "Vision", "Profile", "Policies"))]
-    assert len(titles) == 8
+              if line.startswith(("Decode", "Concurrent", "Prefill", "Vision", "Speculation", "Profile", "Policies"))]
+    assert len(titles) == 9
     for title in titles:
         assert ", float32" in title and "on cpu (" in title, title
     assert "transformers 5." in summary and "command: tandem bench" in summary
@@ -369,6 +404,7 @@ def test_a_failing_part_is_reported_and_the_others_still_run(tmp_path, monkeypat
 @pytest.mark.parametrize("args, message", [
     (["--preset", "qwen3-vl-70b"], "unknown preset 'qwen3-vl-70b'"),
     (["--pair", "8b-like,nope"], "unknown preset 'nope'"),
+    (["--check-tokens", "4,17"], "check_tokens go up to 16, the longest chunk run as decode rows; got 17"),
 ])
 def test_bad_presets_exit_2_before_any_work(args, message, capsys):
     assert main(["bench", "--quick", "--device", "cpu", *args]) == 2

@@ -83,8 +83,9 @@ def test_gpu_tests_were_all_found(dry_run):
 def test_jsons_hold_the_parts_asked_for(dry_run):
     out = dry_run["out"]
     large, small, pair = (json.loads((out / name).read_text()) for name in ("8b.json", "2b.json", "pair.json"))
-    assert large["settings"]["parts"] == ["decode", "batch", "concurrency", "vision", "profile"]
+    assert large["settings"]["parts"] == ["decode", "batch", "concurrency", "vision", "check", "profile"]
     assert large["model"]["preset"] == "8b-like" and large["vision"]["sizes"] == [448]
+    assert large["check"]["contexts"] == [32, 64] and large["check"]["tokens"] == [1, 4]
     assert large["batch"]["batch_sizes"] == [1, 2] and large["profile"]["first_token"]["wall_ms"] > 0
     assert small["settings"]["parts"] == ["decode", "concurrency"] and small["model"]["preset"] == "2b-like"
     for data in (large, small):
