@@ -24,7 +24,7 @@
 # everything printed, each bench's summary included. OUTDIR never holds more than 8 files: a bench writes into
 # OUTDIR/running/, then its bench.json is kept under the part's name and the rest dropped.
 # Nothing here has run on a GPU yet: how long each part takes is not known, so the caps are the guard. They sum to
-# 420 s (430 s with WHEELS), and each is cut further to what the 450 s leave less the 10 s SIGKILL grace, so the
+# 440 s (450 s with WHEELS), and each is cut further to what the 450 s leave less the 10 s SIGKILL grace, so the
 # whole run ends within 450 s wherever it stops. The concurrency part runs one timed repeat: one at a time, its
 # 1 + 8 + 32 requests are 41 x 31 batch-1 decode steps a repeat, against 3 x 31 batched steps at once.
 set -uo pipefail
@@ -153,7 +153,7 @@ main() {
     part versions 20 - python3 -c "$versions_py"
     part gpu-tests 100 "$outdir/gpu-tests.log" python3 -m pytest -q -rfEs -p no:cacheprovider "${gate_tests[@]}" \
         -k "not fp16 and not float32"
-    bench 8b 140 --preset $large --parts decode,batch,concurrency,vision,check,profile --lengths $lengths \
+    bench 8b 160 --preset $large --parts decode,batch,concurrency,vision,check,profile --lengths $lengths \
         --image-sizes 448 "${batch[@]}" "${concurrency[@]}" "${check[@]}"
     bench 2b 60 --preset $small --parts decode,concurrency --lengths $lengths "${concurrency[@]}"
     bench pair 70 --pair $large,$small --parts policies "${forced[@]}"

@@ -59,7 +59,8 @@ Columns:
   sequence of L random text ids; for each chunk size n, `Engine.submit_verify` of n random ids in place (logits at
   every position), the device synchronised around it, then the n tokens cut off again: once with the runner's
   chunk_rows = 16 (the chunk runs as one decode-shaped step of n rows, replaying a CUDA graph where decode steps
-  do) and once with chunk_rows = 0 (a prefill). ratio = rows / prefill; n = 1 is a decode step's work.
+  do) and once with chunk_rows = 0 (a prefill). Two untimed warm-ups per configuration (a shape's first step
+  runs eagerly, its second is captured). ratio = rows / prefill; n = 1 is a decode step's work.
 - profile (tandem.bench.profiling): where the time goes, for a missed target. torch.profiler over
   profile_steps decode steps at batch 1 (with CUDA graphs and, on a GPU, without), and over one first-token request
   with one image of the policies' size: the top kernels (operators on the CPU) per step, device busy time vs wall.
@@ -82,7 +83,7 @@ from typing import Any
 import torch
 
 from tandem.bench.build import build_models, free_memory
-from tandem.bench.check import MODES, bench_check
+from tandem.bench.check import MODES, WARMUPS, bench_check
 from tandem.bench.concurrency import bench_concurrency
 from tandem.bench.decode import STOP_CHECK_TOKENS, bench_batch, bench_decode, bench_decode_compiled, measure_floor
 from tandem.bench.latency_report import write_outputs
@@ -186,7 +187,7 @@ def _planned_runs(s: BenchSettings) -> int:
     if "vision" in s.parts:
         total += (2 + hf) * per_config * len(s.image_sizes)
     if "check" in s.parts:
-        total += len(MODES) * per_config * len(s.check_contexts) * len(s.check_tokens)
+        total += len(MODES) * (WARMUPS + s.repeats) * len(s.check_contexts) * len(s.check_tokens)
     if "profile" in s.parts:
         total += 3 if s.torch_device.type == "cuda" else 2  # decode with (and on a GPU without) graphs; first token
     if "policies" in s.parts:

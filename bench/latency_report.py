@@ -100,6 +100,8 @@ def _vision_table(result: dict) -> list[str]:
 def _check_table(result: dict) -> list[str]:
     c = result["check"]
     rows = "decode rows, replayed as CUDA graphs" if c["graphs"] else "decode rows, eager"
+    if c["failed_captures"]:
+        rows += f" ({len(c['failed_captures'])} chunk shapes failed to capture and ran eagerly)"
     default = c["default_chunk_rows"]
     runs = f"chunks of at most {default} tokens as rows" if default else "every chunk as a prefill"
     lines = [f"Speculation check: submit_verify of n tokens after L, ms, as {rows} vs as a prefill (the runner "

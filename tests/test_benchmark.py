@@ -188,18 +188,48 @@ def test_check_times_both_ways_at_every_context_and_chunk(run):
     assert "Speculation check: submit_verify of n tokens after L" in run["printed"]
 
 
-def test_check_part_gives_back_its_pages_and_the_runners_setting(tmp_path):
-    """The part cuts every chunk off its held sequence, releases that sequence, and leaves chunk_rows as it was;
-    the engine then still answers as before."""
+def test_check_part_runs_rows_then_gives_back_its_pages_and_the_runners_setting(tmp_path):
+    """The rows mode really runs decode rows (their step shapes exist afterwards: one per row bucket, all of one
+    block-table width, the pages of the longest chunk being reserved up front);
+    the part cuts every chunk off its held sequence, releases it, and leaves chunk_rows as it found it; the
+    engine then answers as before."""
     built = build_models("2b-like", torch.device("cpu"), torch.float32, 0, write_support_files(tmp_path), 512)
     engine = built.engine
     before = engine.generate(prompt_token_ids=text_ids(30, 2), sampling=forced_greedy(6)).token_ids
-    settings = BenchSettings(preset="2b-like", device="cpu", repeats=1, check_contexts=(33, 70),
-                             check_tokens=(2, 5)).resolve()
+    engine.runner.chunk_rows = 7
+    settings = BenchSettings(preset="2b-like", device="cpu", repeats=1, check_contexts=(250,),
+                             check_tokens=(1, 9)).resolve()
     result = bench_check(built, settings, Progress(0, enabled=False))
-    assert engine.pool.free_pages == engine.pool.num_pages and engine.runner.chunk_rows == 0
-    assert result["contexts"] == [33, 70] and len(result["columns"]["rows"]["ms"][1]) == 2
+    assert engine.pool.free_pages == engine.pool.num_pages and engine.runner.chunk_rows == 7
+    # rows 1 and 16 (9 rounded up); 250 + 9 tokens fill 17 pages of 16: a table 32 wide, for n = 1 too (251
+    # tokens alone fill 16 pages: a 16-wide table, had the pages grown chunk by chunk)
+    assert sorted(engine.runner._chunk_buffers) == [(1, 32), (16, 32)]
+    assert result["contexts"] == [250] and result["failed_captures"] == []
+    assert all(len(x) == 1 for row in result["columns"]["rows"]["samples_ms"] for x in row)
+    engine.runner.chunk_rows = 0
     assert engine.generate(prompt_token_ids=text_ids(30, 2), sampling=forced_greedy(6)).token_ids == before
+
+
+def test_check_part_failing_midway_holds_no_page(tmp_path, monkeypatch):
+    """A check that fails (here the third, made to raise) ends the part with its sequence released and
+    chunk_rows restored."""
+    built = build_models("2b-like", torch.device("cpu"), torch.float32, 0, write_support_files(tmp_path), 512)
+    engine, calls = built.engine, []
+    real = engine.submit_verify
+
+    def third_fails(seq, prompt):
+        calls.append(len(prompt))
+        if len(calls) == 3:
+            raise RuntimeError("injected failure")
+        return real(seq, prompt)
+
+    monkeypatch.setattr(engine, "submit_verify", third_fails)
+    settings = BenchSettings(preset="2b-like", device="cpu", repeats=1, check_contexts=(40,),
+                             check_tokens=(3, 4)).resolve()
+    with pytest.raises(RuntimeError, match="injected failure"):
+        bench_check(built, settings, Progress(0, enabled=False))
+    assert calls == [3, 3, 4] and engine.pool.free_pages == engine.pool.num_pages
+    assert engine.runner.chunk_rows == 0
 
 
 def test_verify_reports_its_verdict_time_and_the_sequential_run(run):
