@@ -227,7 +227,7 @@ class Engine:
 
     def submit_stage(self, parent: Sequence | None, prompt: Prompt, params: SamplingParams, key_mass: bool = False,
                      ready: torch.cuda.Event | None = None, keep_sequence: bool = False, room: int = 0,
-                     in_place: bool = False) -> RequestHandle:
+                     in_place: bool = False, token_logits: bool = False) -> RequestHandle:
         """Continue `parent` (a prefix; None: start afresh) with `prompt` (its token ids may be a device tensor,
         whose `ready` event the loop waits for) and decode. With key_mass, the result's key_mass holds the
         attention each output token received from the later steps (summed over heads and layers). With
@@ -235,9 +235,10 @@ class Engine:
         not fed): give it back with `release`. room: cache slots reserved in it past the request's own, admitted
         with it, for later requests in place. in_place: write into `parent` itself (handed over by an earlier
         request; this one must be the only one using it), not into a fork; the caller keeps it, whatever the
-        request's outcome, and gives it back."""
+        request's outcome, and gives it back. token_logits: the result's logits hold the logits each output
+        token was drawn from (a sampled speculation's draft distributions)."""
         return self._submit(prompt, params, parent=parent, key_mass=key_mass, ready=ready,
-                            keep_sequence=keep_sequence, room=room, in_place=in_place)
+                            keep_sequence=keep_sequence, room=room, in_place=in_place, token_logits=token_logits)
 
     def submit_verify(self, seq: Sequence, prompt: Prompt) -> RequestHandle:
         """Prefill `prompt` into `seq` itself (in place, as submit_stage's), keeping the logits of every one of
@@ -331,8 +332,10 @@ class Engine:
         if finished:
             requests = [r for r, _ in finished]
             tokens = self.runner.sample_first(requests, torch.cat([logits for _, logits in finished]))
-            for i, request in enumerate(requests):
+            for i, (request, logits) in enumerate(finished):
                 request.next_token = tokens[i : i + 1]
+                if request.token_logits:
+                    request.logits.append(logits)
                 self.scheduler.prefilled(request)
             self._readout.push(requests, tokens)
         batch = [r for r in plan.decode if r.phase is Phase.DECODE and 1 + r.fed < r.max_tokens]
@@ -430,7 +433,8 @@ class Engine:
             elif error is None:
                 value = request.output(self.tokenizer)
                 value.seq = request.seq if request.keep_sequence else None
-            if error is None and self._stream is not None and (request.prompt_logits or request.key_mass):
+            if error is None and self._stream is not None and (request.prompt_logits or request.token_logits
+                                                                or request.key_mass):
                 value.ready = torch.cuda.Event()  # device results: the caller's stream waits for this one's work
                 value.ready.record(torch.cuda.current_stream(self.device))
         except Exception as e:

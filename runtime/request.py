@@ -93,7 +93,8 @@ class GenerateOutput:
     finish_reason: str  # "stop" (a stop token) or "length" (max_tokens reached)
     timings: Timings
     key_mass: torch.Tensor | None = None  # with key_mass: [output tokens, stop token excluded] float32 on the device
-    ready: torch.cuda.Event | None = None  # on CUDA with key_mass: wait for it before reading key_mass
+    logits: torch.Tensor | None = None  # with token_logits: [output tokens, vocab] float32, each token's own
+    ready: torch.cuda.Event | None = None  # on CUDA with key_mass or logits: wait for it before reading them
     seq: Sequence | None = None  # with keep_sequence: the sequence, handed over (every fed token's K/V in it)
 
 
@@ -133,6 +134,7 @@ class Request:
     room: int = 0  # cache slots reserved past its own, for the requests that will continue its sequence in place
     keep_sequence: bool = False  # hand the prefilled sequence to the caller (a prefix) instead of releasing it
     prompt_logits: bool = False  # keep the logits of every prompt position
+    token_logits: bool = False  # keep the logits each output token was drawn from
     key_mass: bool = False  # add up the attention each cached key receives during decode
     ready: object = None  # a CUDA event the prompt's device tensors wait for (they come from another stream)
     headroom: int = 0  # pages that must stay free once it is admitted (a prefix's room for its stages)
@@ -147,7 +149,7 @@ class Request:
     tokens: list[int] = field(default_factory=list)  # generated ids the host has read
     text: ReplyText | None = None  # with stop strings: the reply's text, watched for them
     mass: torch.Tensor | None = None  # [prompt + max_tokens] float32 on the device, with key_mass
-    logits: list[torch.Tensor] = field(default_factory=list)  # prompt logits per chunk, with prompt_logits
+    logits: list[torch.Tensor] = field(default_factory=list)  # per prompt chunk, or per output token: [n, vocab]
     timings: Timings = field(default_factory=Timings)
     spans: list = field(default_factory=list)  # (Timings field, a device-timed span) to add up at the end
     submitted: float = field(default_factory=time.perf_counter)
@@ -175,6 +177,8 @@ class Request:
         else:
             text = tokenizer.decode(text_ids)
         output = GenerateOutput(text, list(ids), "stop" if stopped else "length", self.timings)
+        if self.token_logits:  # (a step run past a stop drew a token no one reads: its row is dropped)
+            output.logits = torch.cat(self.logits)[: len(ids)]
         if self.key_mass:
             start = self.seq.length - self.fed  # the prompt's end: the first output token's position
             output.key_mass = self.mass[start : start + len(text_ids)]

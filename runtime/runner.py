@@ -78,6 +78,7 @@ class ModelRunner:
         self._rows: SamplingRows | None = None
         self._stops: torch.Tensor | None = None  # [batch, most stop ids of a row], -1 padded
         self._with_mass = False
+        self._logit_rows: list[int] = []  # the batch's rows that keep each step's logits (token_logits)
         self._capture_stream: torch.cuda.Stream | None = None
         self._graph_pool = None
         # The longest text chunk run as decode rows: only where steps replay graphs (on the CPU a prefill costs less).
@@ -149,6 +150,8 @@ class ModelRunner:
             self._set_batch(batch)
         buf, count = self._buf, len(batch)
         logits = self._step(buf, self._with_mass)[:count]
+        for row in self._logit_rows:  # copies: a graph's output is overwritten by its next replay
+            batch[row].logits.append(logits[row : row + 1].clone())
         tokens = sample(logits, self._rows)
         self._rows.step += 1
         buf.stopped[:count] |= (tokens[:, None] == self._stops).any(-1)
@@ -209,6 +212,7 @@ class ModelRunner:
         self._stops = to_device([sorted(r.stop_ids) + [-1] * (most - len(r.stop_ids)) for r in batch], torch.int64,
                                 self.device)
         self._with_mass = any(r.key_mass for r in batch)
+        self._logit_rows = [row for row, r in enumerate(batch) if r.token_logits]
         for request in newcomers:
             request.next_token = None
         self._batch, self._buf = list(batch), buf

@@ -14,10 +14,10 @@ holds back those behind it that need pages), so a speculation waiting for its se
 that ends.
 
 Greedy, the output is the target's own greedy output, token for token (on CUDA up to the rounding that differs
-between a step of one row and one of k + 1, as between batch sizes). Sampled, the draft draws each token from its
-filtered distribution q (one prefill per token, its logits kept) and the standard rejection rule (`accept_drafts`)
-keeps the output distributed as the target's own sampling. Stop ids and stop strings end the reply inside a round as
-they end a plain one; the text streams round by round.
+between a step of one row and one of k + 1, as between batch sizes). Sampled, the draft draws its k tokens with the
+target's params in one request that keeps the logits each was drawn from (its distributions q, `filtered_probs`)
+and the standard rejection rule (`accept_drafts`) keeps the output distributed as the target's own sampling. Stop
+ids and stop strings end the reply inside a round as they end a plain one; the text streams round by round.
 
 k adapts within [1, k_max]: after a round whose drafts were all kept it grows by one, after one that kept fewer
 than half it shrinks by one.
@@ -92,13 +92,14 @@ async def speculate(target, draft, target_prompt: Prompt, draft_prompt: Prompt, 
         size = k_max
         while not ended:
             k = min(size, params.max_tokens - len(tokens) - 1)  # the target adds one token of its own
-            drafts, q, before_d, before_t = [], [], seq_d.length, seq_t.length
-            if k > 0 and sampled:
-                drafts, q = await _draw_drafts(draft, seq_d, draft_prompt, pending, k, params, rng, flying, held)
-            elif k > 0:
-                flying.append(draft.submit_stage(seq_d, _after(seq_d, draft_prompt, pending), _greedy(draft, k),
-                                                 keep_sequence=True, in_place=True))
-                drafts = (await _take(flying[-1], flying, held)).token_ids
+            drafts, q, before_d, before_t = [], None, seq_d.length, seq_t.length
+            if k > 0:  # the draft feeds pending and d1 .. d(k-1), and draws d1 .. dk
+                flying.append(draft.submit_stage(seq_d, _after(seq_d, draft_prompt, pending),
+                                                 _draft_params(draft, params, k, rng), keep_sequence=True,
+                                                 in_place=True, token_logits=sampled))
+                proposed = await _take(flying[-1], flying, held)
+                drafts = proposed.token_ids
+                q = filtered_probs(proposed.logits, params) if sampled else None
             flying.append(target.submit_verify(seq_t, _after(seq_t, target_prompt, [tokens[-1], *drafts])))
             verified = await _take(flying[-1], flying, held)
             if sampled:
@@ -160,27 +161,11 @@ async def _take(handle: RequestHandle, flying: list[RequestHandle], held: list[S
     return out
 
 
-async def _draw_drafts(draft, seq: Sequence, prompt: Prompt, pending: list[int], k: int, params: SamplingParams,
-                       rng: torch.Generator, flying: list[RequestHandle], held: list[Sequence]):
-    """k tokens drawn one at a time from the draft's filtered distribution, each from a prefill of the token before
-    it (the first: of `pending`) with its logits kept -> (drafts, their distributions q); `seq` then holds pending
-    and every draft but the last, like a decode's."""
-    drafts, q, feed = [], [], pending
-    for _ in range(k):
-        flying.append(draft.submit_verify(seq, _after(seq, prompt, feed)))
-        out = await _take(flying[-1], flying, held)
-        probs = filtered_probs(out.logits[-1:], params)[0]
-        drafts.append(int(torch.multinomial(probs.cpu(), 1, generator=rng)))
-        q.append(probs)
-        feed = drafts[-1:]
-    return drafts, q
-
-
-def accept_drafts(drafts: list[int], q: list[torch.Tensor], p: torch.Tensor, rng: torch.Generator) -> tuple[int, int]:
+def accept_drafts(drafts: list[int], q: torch.Tensor, p: torch.Tensor, rng: torch.Generator) -> tuple[int, int]:
     """The rejection rule of speculative sampling (Leviathan et al. 2023; Chen et al. 2023): draft d_i, drawn from
     q_i, is kept with probability min(1, p_i(d_i) / q_i(d_i)); at the first refused, the token is drawn from
     max(0, p_i - q_i) normalized; when all are kept, one more from p_k. Every token then follows the target's p.
-    -> (drafts kept, the token after them). p: [len(drafts) + 1, vocab] float64."""
+    -> (drafts kept, the token after them). q: [len(drafts), vocab], p: [len(drafts) + 1, vocab], float64."""
     for i, d in enumerate(drafts):
         if torch.rand((), dtype=torch.float64, generator=rng) * q[i][d].item() < p[i][d].item():
             continue
@@ -194,6 +179,16 @@ def accept_drafts(drafts: list[int], q: list[torch.Tensor], p: torch.Tensor, rng
 def _greedy(draft, n: int) -> SamplingParams:
     """The draft's params: n greedy tokens, never stopping early (the target decides where the text ends)."""
     return draft.resolve(SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+
+
+def _draft_params(draft, params: SamplingParams, k: int, rng: torch.Generator) -> SamplingParams:
+    """A round's draft params: k tokens, greedy, or drawn with the target's filters and a seed of the round's own
+    (so each round's draws are fresh, and a seeded generation is reproducible); never stopping early."""
+    if params.temperature == 0:
+        return _greedy(draft, k)
+    seed = int(torch.randint(0, 2**63 - 1, (), generator=rng))
+    return draft.resolve(SamplingParams(max_tokens=k, temperature=params.temperature, top_p=params.top_p,
+                                        top_k=params.top_k, seed=seed, ignore_eos=True))
 
 
 def _after(seq: Sequence, prompt: Prompt, ids: list[int]) -> Prompt:

@@ -40,7 +40,7 @@ PAIR_CODE = [Tandem.answer, Tandem.answer_async, Tandem._run_policy, Tandem._sta
              Tandem._build_prefix, Tandem._release, Tandem._transfer, Tandem._reason, Tandem._short, pipeline._all,
              RequestHandle.handover_async, RequestHandle.result_async, RequestHandle.stream_async,
              RequestHandle.discard_async, request_module.discard_all]
-SPECULATIVE_CODE = [speculative.speculate, speculative._take, speculative._draw_drafts, speculative.accept_drafts,
+SPECULATIVE_CODE = [speculative.speculate, speculative._take, speculative.accept_drafts, speculative._draft_params,
                     speculative._after, _Engine._drafted, _Engine.generate_async,
                     _Engine.stream_async, engine_module._speculative_stream, loop_module.iterate,
                     RequestHandle.discard_async, request_module.discard_all, RequestHandle.result_async]

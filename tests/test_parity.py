@@ -134,6 +134,27 @@ def test_short_chunks_after_the_prompt_match_transformers(case):
     assert engine.pool.pages_in_use == 0
 
 
+def test_token_logits_are_the_logits_each_token_was_drawn_from(case):
+    """A sampled generation that keeps its token logits (a sampled speculation's draft): row i equals the logits
+    transformers gives at the position that drew token i (the prefill's last one, then each decode step's), and
+    each token lies inside its row's top-k; beside it (submitted at once, sharing steps where they meet) the same
+    request not keeping them draws the same tokens."""
+    engine = case.engine
+    prompt = engine.prepare(case.messages)
+    params = engine.resolve(SamplingParams(max_tokens=6, temperature=1.5, top_k=4, seed=5, ignore_eos=True))
+    plain = engine.submit_stage(None, prompt, params)
+    kept = engine.submit_stage(None, prompt, params, token_logits=True).result()
+    assert plain.result().token_ids == kept.token_ids and plain.result().logits is None
+    tokens = kept.token_ids
+    with torch.no_grad():
+        ref = case.reference(**case.reference_kwargs(case.ids + tokens[:-1])).logits[0, len(case.ids) - 1 :]
+    assert kept.logits.shape == ref.shape == (6, engine.model.config.text.vocab_size)
+    assert (kept.logits - ref).abs().max() <= 1e-4 * ref.abs().max()
+    top = kept.logits.topk(4, dim=-1).indices
+    assert all(token in top[i].tolist() for i, token in enumerate(tokens))
+    assert engine.pool.pages_in_use == 0
+
+
 def test_pages_return_after_each_request(case):
     case.engine.generate(case.messages, SamplingParams(max_tokens=4, temperature=0.0))
     assert case.engine.pool.pages_in_use == 0

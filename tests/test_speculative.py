@@ -341,7 +341,7 @@ def test_the_rejection_rule_leaves_every_token_distributed_as_the_target(k):
     firsts, seconds = torch.zeros(vocab, dtype=torch.float64), torch.zeros(vocab, dtype=torch.float64)
     for _ in range(trials):
         drafts = torch.multinomial(q, k, replacement=True, generator=rng).tolist()
-        kept, last = accept_drafts(drafts, [q] * k, p.expand(k + 1, -1), rng)
+        kept, last = accept_drafts(drafts, q.expand(k, -1), p.expand(k + 1, -1), rng)
         out = [*drafts[:kept], last]
         firsts[out[0]] += 1
         if len(out) > 1:
