@@ -107,9 +107,9 @@ fi
 
 # The GPU tests the numbers rest on, by node id (pytest fails on an id it cannot find). -k keeps bfloat16 only:
 # CUDA-graph decode == eager at batch 1, 3, 8; decode without a host sync, at most one step past a stop, a failed
-# capture falling back to eager, short chunks replayed as graph rows, a drafted transfer; Triton == torch end to
-# end (generation, batch); overlapped verify == sequential; device preprocessing == CPU; the kernels at real head
-# sizes, then at odd ones.
+# capture falling back to eager, short chunks replayed as graph rows, a drafted transfer, a sampled draft's logits;
+# Triton == torch end to end (generation, batch); overlapped verify == sequential; device preprocessing == CPU; the
+# kernels at real head sizes, then at odd ones.
 gate_tests=(
     tests/test_gpu_model.py::test_cuda_graph_decode_equals_eager_decode
     tests/test_gpu_decode.py

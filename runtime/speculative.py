@@ -38,7 +38,7 @@ from tandem.models.prompt import Prompt
 from tandem.runtime.kv_cache import Sequence, release_all
 from tandem.runtime.reply_text import ReplyText
 from tandem.runtime.request import GenerateOutput, RequestHandle, discard_all
-from tandem.runtime.sampling import SamplingParams, filtered_probs
+from tandem.runtime.sampling import SamplingParams, filtered_probs, to_device
 
 _POSTING = threading.Lock()  # every speculation's two first requests, posted as one
 
@@ -161,19 +161,27 @@ async def _take(handle: RequestHandle, flying: list[RequestHandle], held: list[S
     return out
 
 
-def accept_drafts(drafts: list[int], q: torch.Tensor, p: torch.Tensor, rng: torch.Generator) -> tuple[int, int]:
+def accept_drafts(drafts: list[int], q: torch.Tensor | None, p: torch.Tensor,
+                  rng: torch.Generator) -> tuple[int, int]:
     """The rejection rule of speculative sampling (Leviathan et al. 2023; Chen et al. 2023): draft d_i, drawn from
     q_i, is kept with probability min(1, p_i(d_i) / q_i(d_i)); at the first refused, the token is drawn from
     max(0, p_i - q_i) normalized; when all are kept, one more from p_k. Every token then follows the target's p.
-    -> (drafts kept, the token after them). q: [len(drafts), vocab], p: [len(drafts) + 1, vocab], float64."""
-    for i, d in enumerate(drafts):
-        if torch.rand((), dtype=torch.float64, generator=rng) * q[i][d].item() < p[i][d].item():
-            continue
-        residual = (p[i] - q[i].to(p.device)).clamp_min(0)
-        total = residual.sum()
-        row = residual / total if total > 0 else p[i]
-        return i, int(torch.multinomial(row.cpu(), 1, generator=rng))  # the request's generator lives on the CPU
-    return len(drafts), int(torch.multinomial(p[len(drafts)].cpu(), 1, generator=rng))
+    -> (drafts kept, the token after them). q: [len(drafts), vocab] (None without drafts), p: [len(drafts) + 1,
+    vocab], float64. It all runs on p's device, drawing from a generator there seeded from `rng`, and the host
+    reads the outcome once; the last token is drawn by an exponential race (argmax of row / Exp(1) noise)."""
+    k, vocab, device = len(drafts), p.shape[1], p.device
+    draws = torch.Generator(device).manual_seed(int(torch.randint(0, 2**63 - 1, (), generator=rng)))
+    q = torch.cat([q.to(device), p.new_zeros(1, vocab)]) if k else p.new_zeros(1, vocab)  # row k: nothing drafted
+    uniforms = torch.rand(k, dtype=torch.float64, device=device, generator=draws)
+    rows, ids = torch.arange(k, device=device), to_device(drafts, torch.int64, device)
+    refused = (uniforms * q[rows, ids] >= p[rows, ids]).long()
+    first = k - refused.cumsum(0).clamp_max(1).sum()  # the first refused draft's index, or k when none was
+    residual = (p[first] - q[first]).clamp_min(0)  # at index k: p_k itself
+    row = torch.where(residual.sum() > 0, residual, p[first])  # q_i = p_i exactly leaves no residual: p_i then
+    race = torch.empty_like(row).exponential_(generator=draws).clamp_min_(torch.finfo(row.dtype).tiny)
+    token = (row / race).argmax()
+    kept, last = torch.stack([first, token]).tolist()
+    return kept, last
 
 
 def _greedy(draft, n: int) -> SamplingParams:

@@ -184,3 +184,26 @@ def test_a_drafted_transfer_reads_its_device_suffix_on_both_engines(tiny_8b, tin
     t = drafted.timings
     assert t.verify_forwards > 0 and t.verify_forwards + t.accepted == 11
     assert large.pool.pages_in_use == small.pool.pages_in_use == 0
+
+
+def test_sampled_speculation_on_cuda_keeps_each_tokens_logits_and_repeats_with_its_seed(tiny_8b, tiny_2b):
+    """A sampled draft keeps the logits each of its tokens was drawn from: with graphs, every row is a copy taken
+    at its own step (not the graph's output buffer, which the next replay overwrites), so the rows equal a
+    prefill's logits at those positions up to bfloat16 rounding. A seeded sampled speculation on CUDA gives the
+    same reply twice, of full length, drafted by the small model or by the target itself (then most drafts kept)."""
+    large, small = engine_for(tiny_8b), engine_for(tiny_2b)
+    params = large.resolve(PARAMS["top-k then top-p"])
+    prompt = large.prepare(MESSAGES)
+    kept = large.submit_stage(None, prompt, params, token_logits=True).result()
+    kept.ready.synchronize()
+    whole = large.prepare(None, [*prompt.token_ids, *kept.token_ids[:-1]], [image for image in prompt.images])
+    ref = large.prompt_logits(whole)[len(prompt) - 1 :]
+    assert kept.logits.shape == ref.shape
+    torch.testing.assert_close(kept.logits, ref, rtol=0, atol=3e-2 * ref.abs().max().item())
+    for draft in (small, large):
+        first, again = (large.generate(MESSAGES, PARAMS["top-k then top-p"], draft=draft, speculative=3)
+                        for _ in range(2))
+        assert first.token_ids == again.token_ids and len(first.token_ids) == 24
+        if draft is large:
+            assert first.timings.accepted > first.timings.drafted // 2
+    assert large.pool.pages_in_use == small.pool.pages_in_use == 0
