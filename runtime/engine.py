@@ -235,8 +235,8 @@ class Engine:
         not fed): give it back with `release`. room: cache slots reserved in it past the request's own, admitted
         with it, for later requests in place. in_place: write into `parent` itself (handed over by an earlier
         request; this one must be the only one using it), not into a fork; the caller keeps it, whatever the
-        request's outcome, and gives it back. token_logits: the result's logits hold the logits each output
-        token was drawn from (a sampled speculation's draft distributions)."""
+        request's outcome, and gives it back. token_logits: the result's logits hold the weights each output token
+        was drawn from, whose softmax is its exact distribution (a sampled speculation's draft distributions q)."""
         return self._submit(prompt, params, parent=parent, key_mass=key_mass, ready=ready,
                             keep_sequence=keep_sequence, room=room, in_place=in_place, token_logits=token_logits)
 
@@ -332,10 +332,8 @@ class Engine:
         if finished:
             requests = [r for r, _ in finished]
             tokens = self.runner.sample_first(requests, torch.cat([logits for _, logits in finished]))
-            for i, (request, logits) in enumerate(finished):
+            for i, request in enumerate(requests):
                 request.next_token = tokens[i : i + 1]
-                if request.token_logits:
-                    request.logits.append(logits)
                 self.scheduler.prefilled(request)
             self._readout.push(requests, tokens)
         batch = [r for r in plan.decode if r.phase is Phase.DECODE and 1 + r.fed < r.max_tokens]

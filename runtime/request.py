@@ -93,7 +93,8 @@ class GenerateOutput:
     finish_reason: str  # "stop" (a stop token) or "length" (max_tokens reached)
     timings: Timings
     key_mass: torch.Tensor | None = None  # with key_mass: [output tokens, stop token excluded] float32 on the device
-    logits: torch.Tensor | None = None  # with token_logits: [output tokens, vocab] float32, each token's own
+    logits: torch.Tensor | None = None  # with token_logits: [output tokens, vocab] float32, the weights each token
+    # was drawn from: its filtered, temperature-scaled logits, -inf outside the filters (softmax: its distribution)
     ready: torch.cuda.Event | None = None  # on CUDA with key_mass or logits: wait for it before reading them
     seq: Sequence | None = None  # with keep_sequence: the sequence, handed over (every fed token's K/V in it)
 
@@ -134,7 +135,7 @@ class Request:
     room: int = 0  # cache slots reserved past its own, for the requests that will continue its sequence in place
     keep_sequence: bool = False  # hand the prefilled sequence to the caller (a prefix) instead of releasing it
     prompt_logits: bool = False  # keep the logits of every prompt position
-    token_logits: bool = False  # keep the logits each output token was drawn from
+    token_logits: bool = False  # keep the weights each output token was drawn from (sampling.sample_keeping)
     key_mass: bool = False  # add up the attention each cached key receives during decode
     ready: object = None  # a CUDA event the prompt's device tensors wait for (they come from another stream)
     headroom: int = 0  # pages that must stay free once it is admitted (a prefix's room for its stages)

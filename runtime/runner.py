@@ -34,7 +34,7 @@ from tandem.kernels.backend import implementation
 from tandem.models.qwen3_vl import Qwen3VL, VisualTokens
 from tandem.runtime.kv_cache import PagePool, Sequence
 from tandem.runtime.request import Request
-from tandem.runtime.sampling import SamplingParams, SamplingRows, sample, seed_key, to_device
+from tandem.runtime.sampling import SamplingParams, SamplingRows, sample, sample_keeping, seed_key, to_device
 
 MIN_WIDTH = 16  # pages: the smallest block-table width captured
 ROWS_CHUNK = 16  # a text chunk of at most this many tokens runs as a decode-shaped step, one row per token
@@ -139,7 +139,7 @@ class ModelRunner:
         """Each request's first token from its prompt's last logits [len(requests), vocab] -> [len(requests)]."""
         rows = SamplingRows.of([r.params for r in requests], [seed_key(r.seed) for r in requests],
                                [0] * len(requests), self.vocab, self.device)
-        return sample(logits, rows)
+        return self._sample(requests, logits, rows, [i for i, r in enumerate(requests) if r.token_logits])
 
     # ---- decode -----------------------------------------------------------------------------------------------
     def decode(self, batch: list[Request]) -> torch.Tensor:
@@ -150,12 +150,20 @@ class ModelRunner:
             self._set_batch(batch)
         buf, count = self._buf, len(batch)
         logits = self._step(buf, self._with_mass)[:count]
-        for row in self._logit_rows:  # copies: a graph's output is overwritten by its next replay
-            batch[row].logits.append(logits[row : row + 1].clone())
-        tokens = sample(logits, self._rows)
+        tokens = self._sample(batch, logits, self._rows, self._logit_rows)
         self._rows.step += 1
         buf.stopped[:count] |= (tokens[:, None] == self._stops).any(-1)
         buf.token[:count].copy_(tokens)
+        return tokens
+
+    def _sample(self, requests: list[Request], logits: torch.Tensor, rows: SamplingRows, keep: list[int]):
+        """Draw each request's next token; the rows in `keep` (token_logits) add what they were drawn from to their
+        request's logits."""
+        if not keep:
+            return sample(logits, rows)
+        tokens, weights = sample_keeping(logits, rows, to_device(keep, torch.int64, self.device))
+        for i, row in enumerate(keep):
+            requests[row].logits.append(weights[i : i + 1])
         return tokens
 
     def reset(self) -> None:

@@ -151,14 +151,29 @@ def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.T
 
 def sample(logits: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
     """logits [B, vocab] float32 -> token ids [B], each row drawn with its own params; never syncs the host."""
+    return sample_keeping(logits, rows, None)[0]
+
+
+def sample_keeping(logits: torch.Tensor, rows: SamplingRows,
+                   keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`sample`, and for the rows `keep` (a device index) the weights each was drawn from: [len(keep), vocab]
+    float32, its temperature-scaled logits inside its filters and -inf outside (a greedy row: its raw logits), so
+    that their softmax is exactly the distribution of its draw (a sampled speculation's q)."""
     greedy = logits.argmax(dim=-1)
     if rows.greedy:
-        return greedy
+        return greedy, None if keep is None else logits.index_select(0, keep)
     values, ids = _filtered(logits, rows)
     token_ids = ids if ids is not None else torch.arange(logits.shape[-1], device=logits.device).expand_as(values)
     choice = (values + gumbel_noise(rows.key, rows.step, token_ids)).argmax(dim=-1)
     drawn = choice if ids is None else ids.gather(-1, choice[:, None]).squeeze(-1)
-    return torch.where(rows.temperature == 0, greedy, drawn)
+    tokens = torch.where(rows.temperature == 0, greedy, drawn)
+    if keep is None:
+        return tokens, None
+    weights = values.index_select(0, keep)
+    if ids is not None:
+        weights = torch.full_like(logits[: len(keep)], float("-inf")).scatter_(1, ids.index_select(0, keep), weights)
+    greedy_rows = (rows.temperature.index_select(0, keep) == 0)[:, None]
+    return tokens, torch.where(greedy_rows, logits.index_select(0, keep), weights)
 
 
 def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

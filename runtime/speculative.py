@@ -15,7 +15,7 @@ that ends.
 
 Greedy, the output is the target's own greedy output, token for token (on CUDA up to the rounding that differs
 between a step of one row and one of k + 1, as between batch sizes). Sampled, the draft draws its k tokens with the
-target's params in one request that keeps the logits each was drawn from (its distributions q, `filtered_probs`)
+target's params in one request that keeps the weights each was drawn from (their softmax: its distributions q)
 and the standard rejection rule (`accept_drafts`) keeps the output distributed as the target's own sampling. Stop
 ids and stop strings end the reply inside a round as they end a plain one; the text streams round by round.
 
@@ -99,7 +99,7 @@ async def speculate(target, draft, target_prompt: Prompt, draft_prompt: Prompt, 
                                                  in_place=True, token_logits=sampled))
                 proposed = await _take(flying[-1], flying, held)
                 drafts = proposed.token_ids
-                q = filtered_probs(proposed.logits, params) if sampled else None
+                q = proposed.logits.double().softmax(dim=-1) if sampled else None  # what each was drawn from
             flying.append(target.submit_verify(seq_t, _after(seq_t, target_prompt, [tokens[-1], *drafts])))
             verified = await _take(flying[-1], flying, held)
             if sampled:
@@ -170,17 +170,20 @@ def accept_drafts(drafts: list[int], q: torch.Tensor | None, p: torch.Tensor,
     vocab], float64. It all runs on p's device, drawing from a generator there seeded from `rng`, and the host
     reads the outcome once; the last token is drawn by an exponential race (argmax of row / Exp(1) noise)."""
     k, vocab, device = len(drafts), p.shape[1], p.device
+    if p.shape[0] != k + 1 or (q.shape[0] if k else 0) != k:
+        raise ValueError(f"accept_drafts: {k} drafts need {k} rows of q and {k + 1} of p")
     draws = torch.Generator(device).manual_seed(int(torch.randint(0, 2**63 - 1, (), generator=rng)))
     q = torch.cat([q.to(device), p.new_zeros(1, vocab)]) if k else p.new_zeros(1, vocab)  # row k: nothing drafted
     uniforms = torch.rand(k, dtype=torch.float64, device=device, generator=draws)
     rows, ids = torch.arange(k, device=device), to_device(drafts, torch.int64, device)
     refused = (uniforms * q[rows, ids] >= p[rows, ids]).long()
-    first = k - refused.cumsum(0).clamp_max(1).sum()  # the first refused draft's index, or k when none was
-    residual = (p[first] - q[first]).clamp_min(0)  # at index k: p_k itself
-    row = torch.where(residual.sum() > 0, residual, p[first])  # q_i = p_i exactly leaves no residual: p_i then
+    first = (k - refused.cumsum(0).clamp_max(1).sum()).view(1)  # the first refused draft, or k when none was
+    p_first = p.index_select(0, first)[0]  # (indexing by a device scalar would read it on the host)
+    residual = (p_first - q.index_select(0, first)[0]).clamp_min(0)  # at index k: p_k itself
+    row = torch.where(residual.sum() > 0, residual, p_first)  # q_i = p_i exactly leaves no residual: p_i then
     race = torch.empty_like(row).exponential_(generator=draws).clamp_min_(torch.finfo(row.dtype).tiny)
     token = (row / race).argmax()
-    kept, last = torch.stack([first, token]).tolist()
+    kept, last = torch.cat([first, token.view(1)]).tolist()
     return kept, last
 
 

@@ -13,6 +13,7 @@ from transformers import AutoTokenizer, Qwen2VLImageProcessorPil, Qwen3VLForCond
 
 from tandem.models.prompt import Prompt
 from tandem.runtime import Engine, SamplingParams
+from tandem.runtime.sampling import gumbel_noise, seed_key
 
 from conftest import random_image
 
@@ -134,24 +135,30 @@ def test_short_chunks_after_the_prompt_match_transformers(case):
     assert engine.pool.pages_in_use == 0
 
 
-def test_token_logits_are_the_logits_each_token_was_drawn_from(case):
-    """A sampled generation that keeps its token logits (a sampled speculation's draft): row i equals the logits
-    transformers gives at the position that drew token i (the prefill's last one, then each decode step's), and
-    each token lies inside its row's top-k; beside it (submitted at once, sharing steps where they meet) the same
-    request not keeping them draws the same tokens."""
+def test_token_logits_are_the_weights_each_token_was_drawn_from(case):
+    """A sampled generation that keeps its token logits (a sampled speculation's draft): row i holds, inside the
+    top-k of the logits transformers gives at the position that drew token i (the prefill's last one, then each
+    decode step's), those logits over the temperature, and -inf elsewhere; and token i is exactly the draw the
+    sampler's noise for step i makes from that row. Beside it, submitted at once (sharing steps where they meet),
+    the same request not keeping them draws the same tokens."""
     engine = case.engine
     prompt = engine.prepare(case.messages)
-    params = engine.resolve(SamplingParams(max_tokens=6, temperature=1.5, top_k=4, seed=5, ignore_eos=True))
+    params = engine.resolve(SamplingParams(max_tokens=6, temperature=1.5, top_k=4, top_p=1.0, seed=5,
+                                           ignore_eos=True))
     plain = engine.submit_stage(None, prompt, params)
     kept = engine.submit_stage(None, prompt, params, token_logits=True).result()
     assert plain.result().token_ids == kept.token_ids and plain.result().logits is None
-    tokens = kept.token_ids
+    tokens, vocab = kept.token_ids, engine.model.config.text.vocab_size
     with torch.no_grad():
         ref = case.reference(**case.reference_kwargs(case.ids + tokens[:-1])).logits[0, len(case.ids) - 1 :]
-    assert kept.logits.shape == ref.shape == (6, engine.model.config.text.vocab_size)
-    assert (kept.logits - ref).abs().max() <= 1e-4 * ref.abs().max()
-    top = kept.logits.topk(4, dim=-1).indices
-    assert all(token in top[i].tolist() for i, token in enumerate(tokens))
+    assert kept.logits.shape == ref.shape == (6, vocab)
+    inside = kept.logits.isfinite()
+    top = torch.zeros_like(inside).scatter_(1, ref.topk(4, dim=-1).indices, True)
+    assert torch.equal(inside, top)
+    assert (kept.logits[inside] * 1.5 - ref[inside]).abs().max() <= 1e-4 * ref.abs().max()
+    for i, token in enumerate(tokens):
+        noise = gumbel_noise(torch.tensor([seed_key(5)]), torch.tensor([i]), torch.arange(vocab)[None])[0]
+        assert (kept.logits[i] + noise).argmax().item() == token
     assert engine.pool.pages_in_use == 0
 
 

@@ -352,6 +352,23 @@ def test_the_rejection_rule_leaves_every_token_distributed_as_the_target(k):
     assert firsts[0] > 0 and firsts[4] > 0  # tokens only the target proposes come out too
 
 
+def test_without_drafts_the_rule_draws_from_the_target_and_refuses_mismatched_rows():
+    """A round with no draft (the reply's last token) draws its one token from p; rows that do not fit the drafts
+    are refused, not read past."""
+    g = torch.Generator().manual_seed(3)
+    p = torch.rand(7, generator=g, dtype=torch.float64) ** 2
+    p[2] = 0
+    p /= p.sum()
+    rng, counts = torch.Generator().manual_seed(4), torch.zeros(7, dtype=torch.float64)
+    for _ in range(5000):
+        kept, last = accept_drafts([], None, p[None], rng)
+        assert kept == 0
+        counts[last] += 1
+    assert counts[2] == 0 and chi_square_p(counts, p * 5000) > 1e-3
+    with pytest.raises(ValueError, match="2 drafts need 2 rows of q and 3 of p"):
+        accept_drafts([1, 2], p.expand(3, -1), p.expand(3, -1), rng)
+
+
 def two_sample_p(a: list[int], b: list[int]) -> float:
     """The p-value of a chi-square test that two samples of tokens come from one distribution (a 2 x cells
     contingency table; cells expected below 5 pooled into one)."""
