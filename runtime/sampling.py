@@ -169,9 +169,7 @@ def sample_keeping(logits: torch.Tensor, rows: SamplingRows,
     tokens = torch.where(rows.temperature == 0, greedy, drawn)
     if keep is None:
         return tokens, None
-    weights = values.index_select(0, keep)
-    if ids is not None:
-        weights = torch.full_like(logits[: len(keep)], float("-inf")).scatter_(1, ids.index_select(0, keep), weights)
+    weights = _dense(values.index_select(0, keep), None if ids is None else ids.index_select(0, keep), logits.shape[-1])
     greedy_rows = (rows.temperature.index_select(0, keep) == 0)[:, None]
     return tokens, torch.where(greedy_rows, logits.index_select(0, keep), weights)
 
@@ -181,9 +179,16 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     [n, vocab] float64 (0 outside the top-k / top-p filters)."""
     n, vocab = logits.shape
     values, ids = _filtered(logits.float(), SamplingRows.of([params] * n, [0] * n, [0] * n, vocab, logits.device))
-    probs = values.double().softmax(dim=-1)
-    return probs if ids is None else torch.zeros(n, vocab, dtype=torch.float64, device=logits.device).scatter_(
-        1, ids, probs)
+    return _dense(values, ids, vocab).double().softmax(dim=-1)
+
+
+def _dense(values: torch.Tensor, ids: torch.Tensor | None, vocab: int) -> torch.Tensor:
+    """Filtered values over the candidate columns `ids` (None: every column, in order) as whole rows, -inf in the
+    columns that were not candidates."""
+    if ids is None:
+        return values
+    rows = torch.full((values.shape[0], vocab), float("-inf"), dtype=values.dtype, device=values.device)
+    return rows.scatter_(1, ids, values)
 
 
 def _filtered(logits: torch.Tensor, rows: SamplingRows) -> tuple[torch.Tensor, torch.Tensor | None]:
