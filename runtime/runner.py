@@ -79,6 +79,7 @@ class ModelRunner:
         self._stops: torch.Tensor | None = None  # [batch, most stop ids of a row], -1 padded
         self._with_mass = False
         self._logit_rows: list[int] = []  # the batch's rows that keep each step's logits (token_logits)
+        self._logit_index: torch.Tensor | None = None  # the same rows on the device, set with the batch
         self._capture_stream: torch.cuda.Stream | None = None
         self._graph_pool = None
         # The longest text chunk run as decode rows: only where steps replay graphs (on the CPU a prefill costs less).
@@ -150,18 +151,21 @@ class ModelRunner:
             self._set_batch(batch)
         buf, count = self._buf, len(batch)
         logits = self._step(buf, self._with_mass)[:count]
-        tokens = self._sample(batch, logits, self._rows, self._logit_rows)
+        tokens = self._sample(batch, logits, self._rows, self._logit_rows, self._logit_index)
         self._rows.step += 1
         buf.stopped[:count] |= (tokens[:, None] == self._stops).any(-1)
         buf.token[:count].copy_(tokens)
         return tokens
 
-    def _sample(self, requests: list[Request], logits: torch.Tensor, rows: SamplingRows, keep: list[int]):
-        """Draw each request's next token; the rows in `keep` (token_logits) add what they were drawn from to their
-        request's logits."""
+    def _sample(self, requests: list[Request], logits: torch.Tensor, rows: SamplingRows, keep: list[int],
+                index: torch.Tensor | None = None):
+        """Draw each request's next token; the rows in `keep` (token_logits; `index`: them on the device, when
+        already there) add what they were drawn from to their request's logits."""
         if not keep:
             return sample(logits, rows)
-        tokens, weights = sample_keeping(logits, rows, to_device(keep, torch.int64, self.device))
+        if index is None:
+            index = to_device(keep, torch.int64, self.device)
+        tokens, weights = sample_keeping(logits, rows, index)
         for i, row in enumerate(keep):
             requests[row].logits.append(weights[i : i + 1])
         return tokens
@@ -221,6 +225,7 @@ class ModelRunner:
                                 self.device)
         self._with_mass = any(r.key_mass for r in batch)
         self._logit_rows = [row for row, r in enumerate(batch) if r.token_logits]
+        self._logit_index = to_device(self._logit_rows, torch.int64, self.device) if self._logit_rows else None
         for request in newcomers:
             request.next_token = None
         self._batch, self._buf = list(batch), buf
